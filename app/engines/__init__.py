@@ -1,0 +1,15 @@
+"""Engines the proxy can front. Each knows how to be started and how to be asked how it is."""
+
+from __future__ import annotations
+
+from app.engines.base import Engine
+from app.engines.vllm import VLLM
+
+ENGINES: dict[str, Engine] = {"vllm": VLLM}
+
+
+def engine_for(settings) -> Engine:
+    return ENGINES[settings.ENGINE]
+
+
+__all__ = ["ENGINES", "Engine", "engine_for"]

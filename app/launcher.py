@@ -1,0 +1,357 @@
+"""The container's main process (`scripts/start.sh` execs it): check the GPU, resolve the model,
+start the engine on loopback, serve the proxy, supervise both, drain on SIGTERM.
+
+    python -m app.launcher
+
+The proxy is up from the first second, so orchestrators see the container's state while the model
+downloads and loads (`/ping` 204, `/health` 503, requests 503 with `Retry-After`).
+
+Exit codes: 0 after SIGTERM/SIGINT (drained), 1 when the GPU check, the model, the engine's start
+or the engine itself fails (so the orchestrator restarts the container), 2 for invalid settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import sys
+from collections.abc import Awaitable
+from typing import Any
+
+import uvicorn
+from pydantic import ValidationError
+
+from app import gpu
+from app.engines import engine_for
+from app.engines.base import mask_secrets
+from app.logs import configure_logging, get_logger, use_console
+from app.main import create_app
+from app.model import ModelError, resolve_model
+from app.proxy.upstream import Upstream, UpstreamError
+from app.runtime import Phase, Runtime
+from app.settings import Settings
+
+log = get_logger("app.launcher")
+
+ENGINE_STOP_TIMEOUT = 30.0
+POLL_INTERVAL = 0.5
+_ENGINE_LEVEL = re.compile(r"\b(DEBUG|INFO|WARNING|ERROR|CRITICAL)\b")
+
+
+class ProxyServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the launcher decides when the server stops."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+    def install_signal_handlers(self) -> None:  # uvicorn < 0.29
+        pass
+
+
+def _die_with_parent() -> None:
+    """In the engine's child process: get SIGTERM if the launcher dies, so no orphan engine keeps
+    holding GPU memory."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+async def _first(*aws: Awaitable[Any], keep: tuple[asyncio.Future, ...] = ()) -> asyncio.Future:
+    """Wait for the first of several awaitables and return it (as a future); cancel the others,
+    except those in `keep`, which belong to the caller and live on."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            if task not in keep and not task.done():
+                task.cancel()
+    return next(t for t in tasks if t in done)
+
+
+class Launcher:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = engine_for(settings)
+        self.runtime = Runtime()
+        self.stop = asyncio.Event()
+        self.force = asyncio.Event()
+        self.proc: asyncio.subprocess.Process | None = None
+        self.server: ProxyServer | None = None
+        self.server_task: asyncio.Task | None = None
+        self.pump: asyncio.Future | None = None
+        self._console = use_console(settings.LOG_FORMAT)
+
+    # --- signals ------------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.stop.is_set():
+            log.warning("second signal: stopping without waiting", signal=name)
+            self.force.set()
+        else:
+            log.info("signal received: draining", signal=name, in_flight=self.runtime.inflight)
+            self.stop.set()
+
+    # --- the whole life -----------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            return await self._run()
+        finally:
+            await self._stop_server()
+            await self._stop_engine()
+            if self.pump is not None:
+                await asyncio.wait([self.pump], timeout=2)
+
+    async def _run(self) -> int:
+        s = self.settings
+        report = gpu.probe()
+        self.runtime.gpus = report.as_dict()
+        problem = gpu.check_device(s.DEVICE, report)
+        if problem:
+            log.error(problem)
+            return 1
+        log.info(
+            "device",
+            device=s.DEVICE,
+            gpus=[f"{g.index}: {g.name} {g.memory_total_mib} MiB" for g in report.gpus],
+            driver=report.driver_version,
+        )
+
+        if not await self._start_server():
+            return 1
+
+        self.runtime.detail = "resolving model"
+        resolving = asyncio.ensure_future(
+            asyncio.to_thread(
+                resolve_model,
+                s.MODEL_NAME,
+                revision=s.MODEL_REVISION,
+                token=s.HF_TOKEN.get_secret_value() if s.HF_TOKEN else None,
+                offline=s.HF_HUB_OFFLINE,
+                cache_dir=None,
+            )
+        )
+        if await _first(resolving, self.stop.wait()) is not resolving:
+            log.info("stopped before the model was ready")
+            return 0
+        try:
+            model = resolving.result()
+        except ModelError as exc:
+            log.error(str(exc))
+            return 1
+        self.runtime.model_path = model.path
+
+        argv = self.engine.build_command(s, model.path)
+        self.runtime.engine_command = mask_secrets(argv)
+        log.info("starting engine", engine=self.engine.name, command=self.runtime.engine_command)
+        self.runtime.detail = "engine loading"
+        self.proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+            limit=2**20,
+        )
+        self.pump = asyncio.ensure_future(self._pump(self.proc.stdout))
+        return await self._supervise()
+
+    async def _supervise(self) -> int:
+        assert self.proc is not None
+        exited = asyncio.ensure_future(self.proc.wait())
+        ready = asyncio.ensure_future(self._wait_ready())
+        first = await _first(ready, exited, self.stop.wait(), self.server_task, keep=(self.server_task,))
+        if first is self.server_task:
+            log.error("the proxy server stopped unexpectedly")
+            return 1
+        if first is exited:
+            log.error("engine exited during start-up", exit_code=exited.result())
+            return 1
+        if first is not ready:
+            log.info("stopped while the engine was loading")
+            return 0
+        if not ready.result():
+            log.error(
+                "engine not healthy in time",
+                startup_timeout_s=self.settings.STARTUP_TIMEOUT,
+            )
+            return 1
+
+        self.runtime.engine_version = await self._engine_version()
+        self.runtime.set_phase(Phase.READY)
+        log.info(
+            "ready",
+            url=f"http://{self.settings.HOST}:{self.settings.PORT}",
+            model=self.settings.served_model_name,
+            engine_version=self.runtime.engine_version,
+        )
+
+        exited = asyncio.ensure_future(self.proc.wait())
+        first = await _first(exited, self.stop.wait(), self.server_task, keep=(self.server_task,))
+        if first is exited:
+            code = exited.result()
+            self.runtime.set_phase(Phase.STOPPED, f"engine exited with code {code}")
+            log.error("engine exited; stopping so the container is restarted", exit_code=code)
+            return 1
+        if first is self.server_task:
+            log.error("the proxy server stopped unexpectedly")
+            return 1
+        return await self._drain()
+
+    async def _drain(self) -> int:
+        self.runtime.set_phase(Phase.DRAINING)
+        timeout = self.settings.DRAIN_TIMEOUT
+        log.info("draining", in_flight=self.runtime.inflight, drain_timeout_s=timeout)
+        idle = asyncio.ensure_future(self.runtime.wait_idle(timeout))
+        first = await _first(idle, self.force.wait())
+        if first is idle and idle.result():
+            log.info("drained")
+        else:
+            log.warning("drain cut short", in_flight=self.runtime.inflight)
+        return 0
+
+    # --- pieces -------------------------------------------------------------------------------
+
+    async def _start_server(self) -> bool:
+        s = self.settings
+        config = uvicorn.Config(
+            create_app(s, self.runtime),
+            host=s.HOST,
+            port=s.PORT,
+            lifespan="on",
+            http="httptools",
+            ws="none",
+            log_config=None,
+            access_log=False,
+            server_header=False,  # the engine's headers pass through; ours would duplicate them
+            date_header=False,
+            timeout_graceful_shutdown=5,
+        )
+        self.server = ProxyServer(config)
+        self.server_task = asyncio.ensure_future(self.server.serve())
+        while not self.server.started:
+            if self.server_task.done():
+                log.error("the proxy could not start", port=s.PORT)
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    async def _wait_ready(self) -> bool:
+        """Poll the engine's health until it answers 200, or STARTUP_TIMEOUT passes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.STARTUP_TIMEOUT
+        client = Upstream(self.settings.engine_url, connect_timeout=2, read_timeout=5)
+        await client.open()
+        try:
+            while loop.time() < deadline:
+                with contextlib.suppress(UpstreamError):
+                    status, _ = await client.get(self.engine.health_path, timeout=5)
+                    if status == 200:
+                        return True
+                await asyncio.sleep(POLL_INTERVAL)
+            return False
+        finally:
+            await client.close()
+
+    async def _engine_version(self) -> str | None:
+        if not self.engine.version_path:
+            return None
+        client = Upstream(self.settings.engine_url, connect_timeout=2, read_timeout=5)
+        await client.open()
+        try:
+            status, body = await client.get(self.engine.version_path, timeout=5)
+            if status == 200:
+                import orjson
+
+                version = orjson.loads(body).get("version")
+                return str(version) if version else None
+        except (UpstreamError, ValueError, AttributeError):
+            pass
+        finally:
+            await client.close()
+        return None
+
+    async def _pump(self, stream: asyncio.StreamReader | None) -> None:
+        """Relay the engine's output: as JSON log records (with the engine's level), or as is on
+        a console."""
+        if stream is None:
+            return
+        engine_log = get_logger("engine")
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # a line over the limit: take what is there
+                raw = await stream.read(2**20)
+            if not raw:
+                return
+            line = raw.decode("utf-8", "replace").rstrip()
+            if not line:
+                continue
+            if self._console:
+                print(line, flush=True)
+                continue
+            match = _ENGINE_LEVEL.search(line[:80])
+            level = match.group(1).lower() if match else "info"
+            getattr(engine_log, "critical" if level == "critical" else level)(line, source=self.engine.name)
+
+    async def _stop_engine(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        log.info("stopping engine", pid=proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), ENGINE_STOP_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.warning("engine did not stop in time: killing it", pid=proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        log.info("engine stopped", exit_code=proc.returncode)
+
+    async def _stop_server(self) -> None:
+        if self.server is None or self.server_task is None:
+            return
+        self.server.should_exit = True
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await self.server_task
+        self.server = None
+
+
+def _run_loop(coro: Awaitable[int]) -> int:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def main() -> int:
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "settings"
+            print(f"invalid setting {where}: {err['msg']}", file=sys.stderr)
+        return 2
+    configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
+    return _run_loop(Launcher(settings).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The ASGI application: the proxy's own routes on FastAPI, everything else passed to the engine.
+
+    request -> RequestContextMiddleware -> /health /ping /info /metrics: FastAPI
+                                        -> any other path: ProxyHandler (plain ASGI, no routing)
+
+The pass-through is dispatched by an exact path lookup rather than through FastAPI's router, so the
+hot path pays for no framework. FastAPI's own docs routes are off: `/docs` and `/openapi.json` are
+the engine's, which describe the whole OpenAI API.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app import __version__, metrics
+from app.engines import engine_for
+from app.middleware import RequestContextMiddleware
+from app.proxy.handler import ProxyHandler
+from app.proxy.upstream import Upstream, UpstreamError
+from app.runtime import Phase, Runtime
+from app.settings import Settings
+
+LOCAL_PATHS = frozenset({"/health", "/ping", "/info", "/metrics"})
+HEALTH_TIMEOUT = 5.0
+
+
+class Dispatcher:
+    def __init__(self, local: Any, proxy: Any) -> None:
+        self.local = local
+        self.proxy = proxy
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in LOCAL_PATHS:
+            await self.proxy(scope, receive, send)
+        else:
+            await self.local(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> Any:
+    """Build the app. Without a runtime (tests, a proxy in front of a running engine), the engine
+    is taken as ready."""
+    settings = settings or Settings()
+    if runtime is None:
+        runtime = Runtime()
+        runtime.set_phase(Phase.READY)
+    engine = engine_for(settings)
+    proxy = ProxyHandler(
+        runtime=runtime,
+        max_request_bytes=settings.MAX_REQUEST_BYTES,
+        api_key=settings.API_KEY.get_secret_value() if settings.API_KEY else None,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        upstream = Upstream(
+            settings.engine_url,
+            connect_timeout=settings.UPSTREAM_CONNECT_TIMEOUT,
+            read_timeout=settings.UPSTREAM_READ_TIMEOUT,
+        )
+        await upstream.open()
+        proxy.upstream = upstream
+        try:
+            yield
+        finally:
+            proxy.upstream = None
+            await upstream.close()
+
+    api = FastAPI(
+        title="vLLM Inference API",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    api.state.settings = settings
+    api.state.runtime = runtime
+
+    async def engine_check() -> tuple[bool, str]:
+        """(healthy, detail): the launcher's view of the engine, then the engine's own /health."""
+        if runtime.phase is not Phase.READY:
+            return False, runtime.detail
+        assert proxy.upstream is not None
+        try:
+            status, _ = await proxy.upstream.get(engine.health_path, timeout=HEALTH_TIMEOUT)
+        except UpstreamError as exc:
+            return False, f"engine health check failed: {exc}"
+        if status != 200:
+            return False, f"engine health check answered {status}"
+        return True, "ready"
+
+    @api.get("/health")
+    async def health() -> Response:
+        """200 once the engine answers; 503 while starting, draining, or after it stopped."""
+        ok, detail = await engine_check()
+        body = {
+            "status": "ready" if ok else ("unhealthy" if runtime.phase is Phase.READY else runtime.phase.value),
+            "detail": detail,
+            "model": settings.served_model_name,
+            "in_flight": runtime.inflight,
+            "uptime_s": round(time.time() - runtime.started_at, 1),
+        }
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @api.get("/ping")
+    async def ping() -> Response:
+        """RunPod's load-balancer convention: 200 ready, 204 initializing, 503 unhealthy."""
+        ok, _ = await engine_check()
+        if ok:
+            return JSONResponse({"status": "healthy"})
+        if runtime.phase is Phase.STARTING:
+            return Response(status_code=204)
+        return JSONResponse({"status": runtime.phase.value}, status_code=503)
+
+    @api.get("/info")
+    async def info() -> dict:
+        """What is being served, on what, and how the engine was started."""
+        return {
+            "model": settings.MODEL_NAME,
+            "served_model_name": settings.served_model_name,
+            "model_path": runtime.model_path,
+            "status": runtime.phase.value,
+            "detail": runtime.detail,
+            "engine": {
+                "name": engine.name,
+                "version": runtime.engine_version,
+                "url": settings.engine_url,
+                "command": runtime.engine_command,
+            },
+            "device": settings.DEVICE,
+            "gpus": runtime.gpus,
+            "uptime_s": round(time.time() - runtime.started_at, 1),
+            "proxy_version": __version__,
+        }
+
+    @api.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        """The proxy's metrics, then the engine's own `vllm:*` families: one scrape per replica."""
+        own = generate_latest(metrics.REGISTRY)
+        engine_text = b""
+        if runtime.phase in (Phase.READY, Phase.DRAINING) and proxy.upstream is not None:
+            try:
+                status, text = await proxy.upstream.get(engine.metrics_path, timeout=HEALTH_TIMEOUT)
+                if status == 200:
+                    engine_text = engine.select_metrics(text)
+            except UpstreamError:
+                pass
+        return Response(own + engine_text, media_type=CONTENT_TYPE_LATEST)
+
+    return RequestContextMiddleware(Dispatcher(api, proxy), runtime)

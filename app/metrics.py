@@ -1,0 +1,116 @@
+"""Every metric the proxy exports, under one prefix, in one registry.
+
+The registry is the proxy's own (not prometheus_client's global one), so `/metrics` can append the
+engine's `vllm:*` families without two `process_*` families clashing.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+
+PREFIX = "vllm_api"
+
+disable_created_metrics()  # no `_created` series: half the lines, no value for dashboards
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+
+# Routes get their own label value; anything else is "other" so clients cannot mint label values.
+ROUTES = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/models",
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
+        "/v1/messages",
+        "/v1/score",
+        "/v1/rerank",
+        "/tokenize",
+        "/detokenize",
+        "/pooling",
+        "/classify",
+        "/score",
+        "/rerank",
+        "/info",
+        "/version",
+    }
+)
+
+LATENCY_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0,
+    45.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+TOKENS_PER_SECOND_BUCKETS = (1, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 2000, 5000)
+
+REQUESTS = Counter(
+    f"{PREFIX}_requests",
+    "Requests answered by the proxy, by route, model and HTTP status (499: client hung up).",
+    ["route", "model", "status"],
+    registry=REGISTRY,
+)
+REQUEST_DURATION = Histogram(
+    f"{PREFIX}_request_duration_seconds",
+    "End-to-end request latency seen by the proxy, first request byte to last response byte.",
+    ["route", "model"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+TTFT = Histogram(
+    f"{PREFIX}_time_to_first_token_seconds",
+    "Streams: time from the request to the first event carrying generated output.",
+    ["route", "model"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+PROMPT_TOKENS = Counter(
+    f"{PREFIX}_prompt_tokens",
+    "Prompt tokens, from the engine's usage report.",
+    ["model"],
+    registry=REGISTRY,
+)
+COMPLETION_TOKENS = Counter(
+    f"{PREFIX}_completion_tokens",
+    "Generated tokens, from the engine's usage report.",
+    ["model"],
+    registry=REGISTRY,
+)
+TOKENS_PER_SECOND = Histogram(
+    f"{PREFIX}_tokens_per_second",
+    "Per request: completion tokens divided by end-to-end duration.",
+    ["model"],
+    buckets=TOKENS_PER_SECOND_BUCKETS,
+    registry=REGISTRY,
+)
+IN_FLIGHT = Gauge(
+    f"{PREFIX}_requests_in_flight",
+    "Requests the proxy is serving now (streams included).",
+    registry=REGISTRY,
+)
+REQUEST_PARTS = Counter(
+    f"{PREFIX}_request_parts",
+    "Content parts in requests, by modality (text, image, video, audio).",
+    ["modality"],
+    registry=REGISTRY,
+)
+UPSTREAM_ERRORS = Counter(
+    f"{PREFIX}_upstream_errors",
+    "Failures talking to the engine: connect (502), timeout (504), protocol (broken response).",
+    ["kind"],
+    registry=REGISTRY,
+)
+
+
+def route_label(path: str) -> str:
+    return path if path in ROUTES else "other"

@@ -1,0 +1,154 @@
+"""Request id, log context, the one canonical log line per request, and request metrics.
+
+Plain ASGI (no BaseHTTPMiddleware): it wraps `send` to read the status and add `x-request-id`, and
+hands the inner app a `RequestRecord` (in `scope["app.record"]`) for the fields only it knows:
+model, stream, TTFT, token counts, modalities, error.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from app import metrics
+from app.errors import send_error
+from app.proxy.headers import get_header
+from app.runtime import Runtime
+
+RECORD_KEY = "app.record"
+QUIET_PATHS = frozenset({"/health", "/ping", "/metrics", "/favicon.ico"})
+"""Probes and scrapes: no request metrics, and their log line only at DEBUG."""
+
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+
+_log = structlog.get_logger("app.request")
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    request_id: str
+    method: str
+    path: str
+    client: str | None
+    start: float = field(default_factory=time.perf_counter)
+    status: int = 0
+    model: str | None = None
+    stream: bool = False
+    ttft_s: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    modalities: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    disconnected: bool = False
+    """The client hung up before the response was complete (logged as status 499)."""
+
+    def fields(self, duration_s: float) -> dict[str, Any]:
+        tps = None
+        if self.completion_tokens and duration_s > 0:
+            tps = round(self.completion_tokens / duration_s, 2)
+        return {
+            "request_id": self.request_id,
+            "method": self.method,
+            "path": self.path,
+            "status": 499 if self.disconnected else self.status,
+            "model": self.model,
+            "stream": self.stream,
+            "duration_ms": round(duration_s * 1000, 2),
+            "ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1000, 2),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "tokens_per_second": tps,
+            "modalities": self.modalities,
+            "client": self.client,
+            "error": self.error,
+        }
+
+
+def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's `X-Request-ID` when it is a sane token, else a new one."""
+    given = get_header(headers, b"x-request-id")
+    if given is not None and _REQUEST_ID.fullmatch(given):
+        return given.decode()
+    return uuid.uuid4().hex
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: Any, runtime: Runtime) -> None:
+        self.app = app
+        self.runtime = runtime
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = scope["headers"]
+        rid = request_id_from(headers)
+        client = scope.get("client")
+        rec = RequestRecord(
+            request_id=rid,
+            method=scope["method"],
+            path=scope["path"],
+            client=f"{client[0]}:{client[1]}" if client else None,
+        )
+        scope[RECORD_KEY] = rec
+        rid_header = (b"x-request-id", rid.encode())
+        structlog.contextvars.bind_contextvars(request_id=rid)
+        quiet = rec.path in QUIET_PATHS
+        if not quiet:
+            self.runtime.request_started()
+            metrics.IN_FLIGHT.inc()
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                rec.status = message["status"]
+                message["headers"] = [*message.get("headers", ()), rid_header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:  # the inner app failed: one 500, logged with its traceback
+            rec.error = rec.error or f"internal error: {exc.__class__.__name__}"
+            _log.exception("unhandled error", path=rec.path)
+            if rec.status == 0:
+                await send_with_id_safe(send_with_id, rec)
+        finally:
+            duration = time.perf_counter() - rec.start
+            if not quiet:
+                self.runtime.request_finished()
+                metrics.IN_FLIGHT.dec()
+                observe(rec, duration)
+                _log.info("request", **rec.fields(duration))
+            else:
+                _log.debug("request", **rec.fields(duration))
+            structlog.contextvars.unbind_contextvars("request_id")
+
+
+async def send_with_id_safe(send: Any, rec: RequestRecord) -> None:
+    try:
+        await send_error(send, 500, "internal error in the proxy", code="internal_error")
+    except Exception:  # the connection is gone; the log line says what happened
+        rec.status = 500
+
+
+def observe(rec: RequestRecord, duration: float) -> None:
+    route = metrics.route_label(rec.path)
+    status = 499 if rec.disconnected else rec.status
+    # Only a request the engine accepted names a model label: clients cannot mint label values.
+    model = rec.model if (rec.model and 200 <= status < 400) else ""
+    metrics.REQUESTS.labels(route, model, str(status)).inc()
+    metrics.REQUEST_DURATION.labels(route, model).observe(duration)
+    if rec.ttft_s is not None:
+        metrics.TTFT.labels(route, model).observe(rec.ttft_s)
+    if rec.prompt_tokens:
+        metrics.PROMPT_TOKENS.labels(model).inc(rec.prompt_tokens)
+    if rec.completion_tokens:
+        metrics.COMPLETION_TOKENS.labels(model).inc(rec.completion_tokens)
+        if duration > 0:
+            metrics.TOKENS_PER_SECOND.labels(model).observe(rec.completion_tokens / duration)
+    for modality, n in rec.modalities.items():
+        metrics.REQUEST_PARTS.labels(modality).inc(n)

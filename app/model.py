@@ -1,0 +1,137 @@
+"""Where the weights come from: a local directory as it is, or a Hugging Face repo downloaded into
+the HF cache with huggingface_hub (token, revision, offline mode honoured, progress in the logs)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.logs import get_logger
+
+log = get_logger("app.model")
+
+# Weight formats by preference; only the best one present is downloaded.
+WEIGHT_FORMATS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+ALWAYS_SKIP = ["original/*", "*.msgpack", "*.h5", "*.ot", "*.onnx", "*.onnx_data", "*.tflite"]
+
+
+class ModelError(Exception):
+    """A model that cannot be had; the message is the one line the user sees."""
+
+
+@dataclass
+class ResolvedModel:
+    path: str
+    source: str  # "local" or "hub"
+    repo_id: str | None = None
+
+
+def looks_like_path(name: str) -> bool:
+    """Hub ids are `org/name`; anything anchored like a path is meant as one."""
+    return name.startswith(("/", "./", "../", "~"))
+
+
+def ignore_patterns(files: list[str]) -> list[str]:
+    """What not to download: every weight format but the best present, and known duplicates."""
+    skip = list(ALWAYS_SKIP)
+    for i, pattern in enumerate(WEIGHT_FORMATS):
+        suffix = pattern[1:]
+        if any(f.endswith(suffix) and not f.startswith("original/") for f in files):
+            skip += [p for p in WEIGHT_FORMATS[i + 1 :]]
+            break
+    return skip
+
+
+def explain_hub_error(exc: BaseException, repo_id: str, revision: str | None) -> str:
+    """One actionable line for each way a download fails."""
+    from huggingface_hub import errors
+
+    rev = revision or "main"
+    if isinstance(exc, errors.GatedRepoError):
+        return (
+            f"{repo_id} is gated: accept its license at https://huggingface.co/{repo_id} "
+            "and set HF_TOKEN to a token of that account."
+        )
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return (
+            f"{repo_id} was not found on the Hugging Face Hub (check the id; a private repo "
+            "needs HF_TOKEN)."
+        )
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return f"revision {rev!r} of {repo_id} does not exist (MODEL_REVISION)."
+    if isinstance(exc, errors.LocalEntryNotFoundError):
+        return (
+            f"{repo_id} is not in the cache and the Hub cannot be reached (offline, "
+            "HF_HUB_OFFLINE=1, or no network): download it first or mount a cache at HF_HOME."
+        )
+    if isinstance(exc, errors.HfHubHTTPError):
+        return f"downloading {repo_id} failed: {exc}".splitlines()[0]
+    return f"downloading {repo_id} failed: {exc.__class__.__name__}: {exc}".splitlines()[0]
+
+
+def _progress_class() -> Any:
+    """A tqdm that reports through the log every few seconds instead of drawing bars."""
+    from tqdm.auto import tqdm
+
+    class LogProgress(tqdm):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = False
+            kwargs["file"] = open(os.devnull, "w")  # noqa: SIM115 - tqdm closes it
+            super().__init__(*args, **kwargs)
+            self._last_log = 0.0
+
+        def update(self, n: float | None = 1) -> bool | None:
+            out = super().update(n)
+            now = time.monotonic()
+            if now - self._last_log >= 5 or (self.total and self.n >= self.total):
+                self._last_log = now
+                log.info(
+                    "download progress",
+                    what=self.desc or "files",
+                    done=int(self.n),
+                    total=int(self.total) if self.total else None,
+                    unit=self.unit,
+                )
+            return out
+
+    return LogProgress
+
+
+def resolve_model(
+    name: str,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    offline: bool = False,
+    cache_dir: str | None = None,
+) -> ResolvedModel:
+    """A local directory, or the path of the downloaded snapshot. Raises ModelError."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return ResolvedModel(path=str(local.resolve()), source="local")
+    if looks_like_path(name):
+        raise ModelError(f"MODEL_NAME {name!r} looks like a path but no such directory exists.")
+
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    kwargs: dict[str, Any] = {"revision": revision, "token": token, "cache_dir": cache_dir}
+    try:
+        if offline:
+            path = snapshot_download(name, local_files_only=True, **kwargs)
+        else:
+            files = HfApi().list_repo_files(name, revision=revision, token=token)
+            skip = ignore_patterns(files)
+            log.info("downloading model", repo_id=name, revision=revision or "main", skipping=skip)
+            path = snapshot_download(
+                name, ignore_patterns=skip, tqdm_class=_progress_class(), **kwargs
+            )
+    except HFValidationError as exc:
+        raise ModelError(f"MODEL_NAME {name!r} is neither a local directory nor a valid Hugging Face id.") from exc
+    except Exception as exc:
+        raise ModelError(explain_hub_error(exc, name, revision)) from exc
+    log.info("model ready", repo_id=name, path=path)
+    return ResolvedModel(path=path, source="hub", repo_id=name)

