@@ -88,6 +88,7 @@ class Launcher:
         self.server_task: asyncio.Task | None = None
         self.pump: asyncio.Future | None = None
         self._console = use_console(settings.LOG_FORMAT)
+        self._last_level = "info"
 
     # --- signals ------------------------------------------------------------------------------
 
@@ -140,7 +141,7 @@ class Launcher:
                 revision=s.MODEL_REVISION,
                 token=s.HF_TOKEN.get_secret_value() if s.HF_TOKEN else None,
                 offline=s.HF_HUB_OFFLINE,
-                cache_dir=None,
+                endpoint=s.HF_ENDPOINT,
             )
         )
         if await _first(resolving, self.stop.wait()) is not resolving:
@@ -166,6 +167,7 @@ class Launcher:
             preexec_fn=_die_with_parent,
             limit=2**20,
         )
+        log.info("engine started", pid=self.proc.pid)
         self.pump = asyncio.ensure_future(self._pump(self.proc.stdout))
         return await self._supervise()
 
@@ -303,9 +305,20 @@ class Launcher:
             if self._console:
                 print(line, flush=True)
                 continue
-            match = _ENGINE_LEVEL.search(line[:80])
-            level = match.group(1).lower() if match else "info"
-            getattr(engine_log, "critical" if level == "critical" else level)(line, source=self.engine.name)
+            level = self._engine_level(line)
+            getattr(engine_log, level)(line, source=self.engine.name)
+
+    def _engine_level(self, line: str) -> str:
+        """The level of an engine line: its own marker, else that of the block it continues (a
+        traceback is an error down to its last line)."""
+        match = _ENGINE_LEVEL.search(line[:80])
+        if match:
+            self._last_level = match.group(1).lower()
+        elif line.startswith("Traceback"):
+            self._last_level = "error"
+        elif not (line[:1].isspace() or self._last_level == "error"):
+            self._last_level = "info"
+        return self._last_level
 
     async def _stop_engine(self) -> None:
         proc, self.proc = self.proc, None

@@ -28,8 +28,11 @@ def use_console(fmt: str, stream: Any = None) -> bool:
     return fmt == "console"
 
 
-def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
-    console = use_console(fmt)
+def configure_logging(level: str = "INFO", fmt: str = "auto", stream: Any = None) -> None:
+    """Configure structlog and the standard library's root logger to write to `stream`
+    (stdout by default)."""
+    stream = stream or sys.stdout
+    console = use_console(fmt, stream)
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=True)
         if console
@@ -43,10 +46,10 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*_SHARED, structlog.stdlib.add_logger_name],

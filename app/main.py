@@ -100,7 +100,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         """200 once the engine answers; 503 while starting, draining, or after it stopped."""
         ok, detail = await engine_check()
         body = {
-            "status": "ready" if ok else ("unhealthy" if runtime.phase is Phase.READY else runtime.phase.value),
+            "status": "ready"
+            if ok
+            else ("unhealthy" if runtime.phase is Phase.READY else runtime.phase.value),
             "detail": detail,
             "model": settings.served_model_name,
             "in_flight": runtime.inflight,

@@ -3,7 +3,6 @@ the HF cache with huggingface_hub (token, revision, offline mode honoured, progr
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,11 +56,15 @@ def explain_hub_error(exc: BaseException, repo_id: str, revision: str | None) ->
         )
     if isinstance(exc, errors.RepositoryNotFoundError):
         return (
-            f"{repo_id} was not found on the Hugging Face Hub (check the id; a private repo "
-            "needs HF_TOKEN)."
+            f"{repo_id} was not found on the Hugging Face Hub (check the id; a private repo needs HF_TOKEN)."
         )
     if isinstance(exc, errors.RevisionNotFoundError):
         return f"revision {rev!r} of {repo_id} does not exist (MODEL_REVISION)."
+    if isinstance(exc, errors.IncompleteSnapshotError):
+        return (
+            f"{repo_id} is only partly in the cache and the Hub cannot be reached (offline, "
+            "HF_HUB_OFFLINE=1, or no network): finish the download with network access."
+        )
     if isinstance(exc, errors.LocalEntryNotFoundError):
         return (
             f"{repo_id} is not in the cache and the Hub cannot be reached (offline, "
@@ -72,6 +75,16 @@ def explain_hub_error(exc: BaseException, repo_id: str, revision: str | None) ->
     return f"downloading {repo_id} failed: {exc.__class__.__name__}: {exc}".splitlines()[0]
 
 
+class _Discard:
+    """Where the bars would be drawn: nowhere (a file object that needs no closing)."""
+
+    def write(self, s: str) -> int:
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
 def _progress_class() -> Any:
     """A tqdm that reports through the log every few seconds instead of drawing bars."""
     from tqdm.auto import tqdm
@@ -79,7 +92,7 @@ def _progress_class() -> Any:
     class LogProgress(tqdm):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs["disable"] = False
-            kwargs["file"] = open(os.devnull, "w")  # noqa: SIM115 - tqdm closes it
+            kwargs["file"] = _Discard()  # tqdm never closes its file: no devnull handle per bar
             super().__init__(*args, **kwargs)
             self._last_log = 0.0
 
@@ -100,6 +113,30 @@ def _progress_class() -> Any:
     return LogProgress
 
 
+def _cached_skip(repo_id: str, revision: str | None, cache_dir: str | None) -> list[str] | None:
+    """The ignore patterns of the earlier download, from the file listing cached with it.
+
+    Offline, snapshot_download checks the cached snapshot against that listing: without the same
+    patterns every skipped weight format counts as missing (IncompleteSnapshotError)."""
+    from huggingface_hub import get_cached_repo_tree
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+
+    try:
+        tree = get_cached_repo_tree(repo_id, revision=revision, cache_dir=cache_dir)
+    except CachedRepoTreeNotFoundError:
+        return None  # no listing cached: snapshot_download does not check completeness either
+    return ignore_patterns([f.path for f in tree])
+
+
+def _list_files(api: Any, repo_id: str, revision: str | None, token: str | None) -> list[str]:
+    """The repo's file names, from one repo-info request. (list_repo_files would retry a dead
+    connection with backoff for ~20 s before the cache fallback gets its turn.)"""
+    info = api.model_info(repo_id, revision=revision, token=token)
+    if info.siblings is not None:
+        return [s.rfilename for s in info.siblings]
+    return api.list_repo_files(repo_id, revision=revision, token=token)
+
+
 def resolve_model(
     name: str,
     *,
@@ -107,6 +144,7 @@ def resolve_model(
     token: str | None = None,
     offline: bool = False,
     cache_dir: str | None = None,
+    endpoint: str | None = None,
 ) -> ResolvedModel:
     """A local directory, or the path of the downloaded snapshot. Raises ModelError."""
     local = Path(name).expanduser()
@@ -115,22 +153,33 @@ def resolve_model(
     if looks_like_path(name):
         raise ModelError(f"MODEL_NAME {name!r} looks like a path but no such directory exists.")
 
+    import httpx2
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.errors import HFValidationError, OfflineModeIsEnabled
 
     kwargs: dict[str, Any] = {"revision": revision, "token": token, "cache_dir": cache_dir}
+    if endpoint:
+        kwargs["endpoint"] = endpoint
     try:
-        if offline:
-            path = snapshot_download(name, local_files_only=True, **kwargs)
+        files = None
+        if not offline:
+            try:
+                files = _list_files(HfApi(endpoint=endpoint), name, revision, token)
+            except (httpx2.ConnectError, httpx2.TimeoutException, OfflineModeIsEnabled) as exc:
+                # What snapshot_download itself does when the Hub is unreachable: use the cache.
+                log.warning("hub unreachable, trying the cache", repo_id=name, error=str(exc))
+        if files is None:
+            path = snapshot_download(
+                name, local_files_only=True, ignore_patterns=_cached_skip(name, revision, cache_dir), **kwargs
+            )
         else:
-            files = HfApi().list_repo_files(name, revision=revision, token=token)
             skip = ignore_patterns(files)
             log.info("downloading model", repo_id=name, revision=revision or "main", skipping=skip)
-            path = snapshot_download(
-                name, ignore_patterns=skip, tqdm_class=_progress_class(), **kwargs
-            )
+            path = snapshot_download(name, ignore_patterns=skip, tqdm_class=_progress_class(), **kwargs)
     except HFValidationError as exc:
-        raise ModelError(f"MODEL_NAME {name!r} is neither a local directory nor a valid Hugging Face id.") from exc
+        raise ModelError(
+            f"MODEL_NAME {name!r} is neither a local directory nor a valid Hugging Face id."
+        ) from exc
     except Exception as exc:
         raise ModelError(explain_hub_error(exc, name, revision)) from exc
     log.info("model ready", repo_id=name, path=path)

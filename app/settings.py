@@ -46,6 +46,9 @@ class Settings(BaseSettings):
         description="Hugging Face cache root; mount a volume here to keep downloads. "
         "Default: huggingface_hub's (~/.cache/huggingface).",
     )
+    HF_ENDPOINT: str | None = Field(
+        None, description="Hub address, for a mirror or a private hub. Default: https://huggingface.co."
+    )
     HF_HUB_OFFLINE: bool = Field(
         False, description="Never touch the network: the model must already be in the cache."
     )
@@ -53,8 +56,7 @@ class Settings(BaseSettings):
     # --- Engine ------------------------------------------------------------------------------
     ENGINE: Literal["vllm"] = Field(
         "vllm",
-        description="Inference engine behind the proxy: `vllm` (started on ENGINE_PORT, "
-        "bound to 127.0.0.1).",
+        description="Inference engine behind the proxy: `vllm` (started on ENGINE_PORT, bound to 127.0.0.1).",
     )
     DEVICE: Literal["auto", "cuda", "cpu"] = Field(
         "auto",
@@ -66,15 +68,12 @@ class Settings(BaseSettings):
         None, ge=1, description="Context length (prompt + output tokens): `--max-model-len`."
     )
     GPU_MEMORY_UTIL: float | None = Field(
-        None, gt=0, le=1, description="Fraction of GPU memory for the engine: "
-        "`--gpu-memory-utilization`."
+        None, gt=0, le=1, description="Fraction of GPU memory for the engine: `--gpu-memory-utilization`."
     )
     TENSOR_PARALLEL_SIZE: int | None = Field(
         None, ge=1, description="GPUs to shard the model over: `--tensor-parallel-size`."
     )
-    MAX_NUM_SEQS: int | None = Field(
-        None, ge=1, description="Most sequences in one batch: `--max-num-seqs`."
-    )
+    MAX_NUM_SEQS: int | None = Field(None, ge=1, description="Most sequences in one batch: `--max-num-seqs`.")
     MAX_BATCHED_TOKENS: int | None = Field(
         None, ge=1, description="Most tokens in one engine step: `--max-num-batched-tokens`."
     )
@@ -85,8 +84,8 @@ class Settings(BaseSettings):
         None, description="`--enable-prefix-caching` / `--no-enable-prefix-caching`."
     )
     DTYPE: str | None = Field(
-        None, description="Weights and activations dtype (`auto`, `bfloat16`, `float16`, "
-        "`float32`): `--dtype`."
+        None,
+        description="Weights and activations dtype (`auto`, `bfloat16`, `float16`, `float32`): `--dtype`.",
     )
     QUANTIZATION: str | None = Field(
         None, description="Quantization method (`awq`, `gptq`, `fp8`, ...): `--quantization`."
@@ -107,37 +106,42 @@ class Settings(BaseSettings):
         "", description="More engine flags, appended verbatim (split as a shell would)."
     )
     STARTUP_TIMEOUT: float = Field(
-        1800, gt=0, description="Seconds the engine may take from launch to healthy "
-        "(weights loading, compile, CUDA graphs) before the container gives up."
+        1800,
+        gt=0,
+        description="Seconds the engine may take from launch to healthy "
+        "(weights loading, compile, CUDA graphs) before the container gives up.",
     )
 
     # --- Proxy -------------------------------------------------------------------------------
     HOST: str = Field("0.0.0.0", description="Address the public API binds.")
     PORT: int = Field(8000, ge=1, le=65535, description="Public API port.")
     API_KEY: SecretStr | None = Field(
-        None, description="When set, every `/v1` route needs `Authorization: Bearer <key>`. "
-        "Never logged."
+        None, description="When set, every `/v1` route needs `Authorization: Bearer <key>`. Never logged."
     )
     MAX_REQUEST_BYTES: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest request body; larger gets 413."
     )
     DRAIN_TIMEOUT: float = Field(
-        60, ge=0, description="On SIGTERM, seconds in-flight requests (streams too) get to "
-        "finish before the engine is stopped."
+        60,
+        ge=0,
+        description="On SIGTERM, seconds in-flight requests (streams too) get to "
+        "finish before the engine is stopped.",
     )
     UPSTREAM_CONNECT_TIMEOUT: float = Field(
         10, gt=0, description="Seconds to open a connection to the engine (then 502)."
     )
     UPSTREAM_READ_TIMEOUT: float = Field(
-        600, gt=0, description="Seconds the engine may stay silent: before the response "
-        "starts and between stream chunks (then 504). Long prefills need room."
+        600,
+        gt=0,
+        description="Seconds the engine may stay silent: before the response "
+        "starts and between stream chunks (then 504). Long prefills need room.",
     )
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of the proxy and launcher."
     )
     LOG_FORMAT: Literal["auto", "json", "console"] = Field(
-        "auto", description="`json` lines, or `console` for people; `auto` is console on a "
-        "TTY and json otherwise."
+        "auto",
+        description="`json` lines, or `console` for people; `auto` is console on a TTY and json otherwise.",
     )
 
     @field_validator("LOG_LEVEL", mode="before")
@@ -177,4 +181,3 @@ def field_default_text(name: str) -> str:
     if isinstance(default, float) and default.is_integer():
         return str(int(default))
     return str(default)
-

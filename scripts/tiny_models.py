@@ -74,8 +74,18 @@ def build_tokenizer(out: Path, vocab_size: int = 400):
     return fast
 
 
+VERSION = "2"  # bump when a builder changes, so cached models are rebuilt
+_STAMP = ".tiny-models-version"
+
+
 def _done(out: Path) -> bool:
-    return (out / "config.json").is_file() and any(out.glob("*.safetensors"))
+    stamp = out / _STAMP
+    return stamp.is_file() and stamp.read_text() == VERSION and any(out.glob("*.safetensors"))
+
+
+def _stamp(out: Path) -> Path:
+    (out / _STAMP).write_text(VERSION)
+    return out
 
 
 def build_text(out: Path) -> Path:
@@ -95,7 +105,7 @@ def build_text(out: Path) -> Path:
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
-        max_position_embeddings=2048,
+        max_position_embeddings=8192,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
@@ -103,7 +113,7 @@ def build_text(out: Path) -> Path:
     )
     LlamaForCausalLM(config).save_pretrained(out)
     _write_generation_config(out, tok)
-    return out
+    return _stamp(out)
 
 
 def build_vision(out: Path) -> Path:
@@ -161,7 +171,7 @@ def build_vision(out: Path) -> Path:
     )
     processor.save_pretrained(out)
     _write_generation_config(out, tok)
-    return out
+    return _stamp(out)
 
 
 def _write_generation_config(out: Path, tok) -> None:

@@ -16,6 +16,8 @@ import hmac
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
+
 from app import metrics
 from app.errors import error_message, send_error
 from app.middleware import RECORD_KEY, RequestRecord
@@ -24,8 +26,6 @@ from app.proxy.request_body import inspect_json
 from app.proxy.sse import StreamObserver, usage_counts
 from app.proxy.upstream import Upstream, UpstreamError, UpstreamResponse
 from app.runtime import Phase, Runtime
-
-import orjson
 
 # Upstream failure -> (status, OpenAI error code); the one place this mapping lives.
 UPSTREAM_STATUS = {"connect": (502, "engine_unreachable"), "timeout": (504, "engine_timeout")}
@@ -44,6 +44,36 @@ class ClientGone(Exception):
     pass
 
 
+class StreamedBody:
+    """A request body streamed to the engine as the client sends it, bounded by the size limit.
+    The upstream client wraps what the iterator raises, so why it stopped is kept here."""
+
+    __slots__ = ("_receive", "_limit", "too_large", "client_gone")
+
+    def __init__(self, receive: Any, limit: int) -> None:
+        self._receive = receive
+        self._limit = limit
+        self.too_large = False
+        self.client_gone = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        size = 0
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self.client_gone = True
+                raise ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._limit:
+                self.too_large = True
+                raise BodyTooLarge
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                return
+
+
 class ProxyHandler:
     def __init__(self, *, runtime: Runtime, max_request_bytes: int, api_key: str | None) -> None:
         self.runtime = runtime
@@ -59,8 +89,13 @@ class ProxyHandler:
 
         if self._api_key is not None and scope["path"].startswith("/v1") and not self._authorized(headers):
             rec.error = "missing or invalid API key"
-            await send_error(send, 401, "Missing or invalid API key: send `Authorization: Bearer <API_KEY>`.",
-                             code="invalid_api_key", headers=[(b"www-authenticate", b"Bearer")])
+            await send_error(
+                send,
+                401,
+                "Missing or invalid API key: send `Authorization: Bearer <API_KEY>`.",
+                code="invalid_api_key",
+                headers=[(b"www-authenticate", b"Bearer")],
+            )
             return
         if not self.runtime.accepting:
             await self._unavailable(rec, send)
@@ -72,7 +107,7 @@ class ProxyHandler:
             return
 
         ctype = get_header(headers, b"content-type") or b""
-        body: bytes | AsyncIterator[bytes] | None
+        body: bytes | StreamedBody | None
         strip_usage = False
         try:
             if scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
@@ -98,8 +133,10 @@ class ProxyHandler:
             forward.append((b"content-length", str(len(body)).encode()))
         elif length is not None:
             forward.append((b"content-length", length))
-        target = scope["path"] if not scope.get("query_string") else (
-            f"{scope['path']}?{scope['query_string'].decode('latin-1')}"
+        target = (
+            scope["path"]
+            if not scope.get("query_string")
+            else (f"{scope['path']}?{scope['query_string'].decode('latin-1')}")
         )
         await self._exchange(scope, receive, send, rec, target, forward, body, strip_usage)
 
@@ -119,7 +156,7 @@ class ProxyHandler:
                 rec.disconnected = True
                 task.cancel()
 
-        if not isinstance(body, AsyncIterator):  # the request body is consumed: watch for hang-up
+        if not isinstance(body, StreamedBody):  # the request body is consumed: watch for hang-up
             watcher = asyncio.ensure_future(receive())
             watcher.add_done_callback(on_client_message)
         resp: UpstreamResponse | None = None
@@ -127,7 +164,12 @@ class ProxyHandler:
             try:
                 resp = await self.upstream.request(scope["method"], target, headers, body)
             except UpstreamError as exc:
-                await self._upstream_failed(rec, send, exc)
+                if isinstance(body, StreamedBody) and body.too_large:
+                    await self._too_large(rec, send)
+                elif isinstance(body, StreamedBody) and body.client_gone:
+                    rec.disconnected = True
+                else:
+                    await self._upstream_failed(rec, send, exc)
                 return
             if watcher is None:
                 watcher = asyncio.ensure_future(receive())
@@ -148,10 +190,14 @@ class ProxyHandler:
                 else:
                     resp.close()
 
-    async def _relay(self, resp: UpstreamResponse, send, rec: RequestRecord, state: dict, strip_usage: bool) -> None:
+    async def _relay(
+        self, resp: UpstreamResponse, send, rec: RequestRecord, state: dict, strip_usage: bool
+    ) -> None:
         ctype = get_header(resp.headers, b"content-type") or b""
         is_sse = ctype.startswith(b"text/event-stream")
-        out_headers = filter_headers(resp.headers, _RESPONSE_DROP if (is_sse and strip_usage) else frozenset())
+        out_headers = filter_headers(
+            resp.headers, _RESPONSE_DROP if (is_sse and strip_usage) else frozenset()
+        )
         if is_sse:
             out_headers += _SSE_HEADERS
         await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
@@ -171,9 +217,20 @@ class ProxyHandler:
             metrics.UPSTREAM_ERRORS.labels(exc.kind).inc()
             rec.error = f"stream broken: {exc}"
             tail = observer.finish()
-            event = b"data: " + orjson.dumps({"error": {"message": f"The engine failed mid-stream: {exc}",
-                                                        "type": "engine_error", "param": None,
-                                                        "code": exc.kind}}) + b"\n\n"
+            event = (
+                b"data: "
+                + orjson.dumps(
+                    {
+                        "error": {
+                            "message": f"The engine failed mid-stream: {exc}",
+                            "type": "engine_error",
+                            "param": None,
+                            "code": exc.kind,
+                        }
+                    }
+                )
+                + b"\n\n"
+            )
             await send({"type": "http.response.body", "body": tail + event, "more_body": False})
             return
         finally:
@@ -228,20 +285,8 @@ class ProxyHandler:
             if not message.get("more_body", False):
                 return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _stream_body(self, receive) -> AsyncIterator[bytes]:
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_request_bytes:
-                raise BodyTooLarge
-            if chunk:
-                yield chunk
-            if not message.get("more_body", False):
-                return
+    def _stream_body(self, receive) -> StreamedBody:
+        return StreamedBody(receive, self.max_request_bytes)
 
     # --- refusals -----------------------------------------------------------------------------
 
@@ -263,8 +308,13 @@ class ProxyHandler:
 
     async def _too_large(self, rec: RequestRecord, send) -> None:
         rec.error = "request body too large"
-        await send_error(send, 413, f"Request body larger than MAX_REQUEST_BYTES ({self.max_request_bytes} bytes).",
-                         code="request_too_large", headers=[(b"connection", b"close")])
+        await send_error(
+            send,
+            413,
+            f"Request body larger than MAX_REQUEST_BYTES ({self.max_request_bytes} bytes).",
+            code="request_too_large",
+            headers=[(b"connection", b"close")],
+        )
 
     async def _upstream_failed(self, rec: RequestRecord, send, exc: UpstreamError) -> None:
         metrics.UPSTREAM_ERRORS.labels(exc.kind).inc()
