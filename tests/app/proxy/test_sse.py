@@ -1,0 +1,133 @@
+import orjson
+import pytest
+
+from app.proxy.sse import StreamObserver, has_generated_output, usage_counts
+
+FP = "vllm-0.32.0-290a388e"
+
+
+def chunk(delta=None, finish=None, fingerprint=None, choices=True, usage=None, text=None):
+    obj = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    if choices:
+        choice = {"index": 0}
+        if text is not None:
+            choice["text"] = text
+        else:
+            choice["delta"] = delta or {}
+        choice["finish_reason"] = finish
+        obj["choices"] = [choice]
+    else:
+        obj["choices"] = []
+    if usage:
+        obj["usage"] = usage
+    if fingerprint:
+        obj["system_fingerprint"] = fingerprint
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+USAGE = {"prompt_tokens": 18, "total_tokens": 23, "completion_tokens": 5}
+
+
+def engine_stream(include_usage: bool) -> list[bytes]:
+    """What vLLM sends with and without stream_options.include_usage (fingerprint moves)."""
+    events = [
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"content": "Hel"}),
+        chunk({"content": "lo"}),
+        chunk({"content": "!"}, finish="length", fingerprint=None if include_usage else FP),
+    ]
+    if include_usage:
+        events.append(chunk(choices=False, usage=USAGE, fingerprint=FP))
+    return events + [DONE]
+
+
+def relay(observer: StreamObserver, pieces: list[bytes]) -> bytes:
+    return b"".join(observer.feed(p) for p in pieces) + observer.finish()
+
+
+def test_stripping_the_injected_usage_chunk_gives_the_bytes_of_a_stream_without_usage():
+    observer = StreamObserver(0.0, strip_usage=True)
+    out = relay(observer, engine_stream(include_usage=True))
+    assert out == b"".join(engine_stream(include_usage=False))
+    assert (observer.prompt_tokens, observer.completion_tokens) == (18, 5)
+
+
+def test_usage_chunk_is_kept_when_the_client_asked_for_it():
+    observer = StreamObserver(0.0, strip_usage=False)
+    stream = engine_stream(include_usage=True)
+    assert relay(observer, stream) == b"".join(stream)
+    assert observer.completion_tokens == 5
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 64])
+def test_events_split_across_reads_are_reassembled(size):
+    whole = b"".join(engine_stream(include_usage=True))
+    pieces = [whole[i : i + size] for i in range(0, len(whole), size)]
+    observer = StreamObserver(0.0, strip_usage=True)
+    assert relay(observer, pieces) == b"".join(engine_stream(include_usage=False))
+    assert observer.completion_tokens == 5
+
+
+def test_ttft_is_taken_at_the_first_event_with_generated_text_not_the_role_chunk(monkeypatch):
+    clock = iter([10.0, 11.0, 12.0])
+    monkeypatch.setattr("app.proxy.sse.time.perf_counter", lambda: next(clock))
+    observer = StreamObserver(start=9.0)
+    observer.feed(chunk({"role": "assistant", "content": ""}))
+    assert observer.ttft_s is None
+    observer.feed(chunk({"content": ""}))  # a partial UTF-8 sequence decodes to nothing yet
+    assert observer.ttft_s is None
+    observer.feed(chunk({"content": "Hi"}))
+    assert observer.ttft_s == 1.0
+
+
+def test_a_stream_cut_mid_event_hands_back_the_partial_bytes():
+    observer = StreamObserver(0.0)
+    first = chunk({"content": "a"})
+    assert observer.feed(first + b'data: {"partial') == first
+    assert observer.finish() == b'data: {"partial'
+
+
+def test_error_event_is_recorded():
+    observer = StreamObserver(0.0)
+    event = b'data: {"error": {"message": "boom", "type": "InternalServerError"}}\n\n'
+    assert relay(observer, [chunk({"content": "x"}), event]) == chunk({"content": "x"}) + event
+    assert observer.error == "boom"
+
+
+def test_crlf_framed_events_are_relayed_without_waiting_for_the_end():
+    observer = StreamObserver(0.0)
+    event = b'data: {"choices":[{"delta":{"content":"x"}}]}\r\n\r\n'
+    assert observer.feed(event) == event
+    assert observer.ttft_s is not None
+
+
+def test_n_greater_than_one_holds_finished_choices_until_usage_and_restores_fingerprints():
+    with_usage = [
+        chunk({"content": "a"}),
+        chunk({"content": "b"}, finish="stop"),
+        chunk({"content": "c"}),
+        chunk({"content": "d"}, finish="length"),
+        chunk(choices=False, usage=USAGE, fingerprint=FP),
+        DONE,
+    ]
+    without = [
+        chunk({"content": "a"}),
+        chunk({"content": "b"}, finish="stop", fingerprint=FP),
+        chunk({"content": "c"}),
+        chunk({"content": "d"}, finish="length", fingerprint=FP),
+        DONE,
+    ]
+    assert relay(StreamObserver(0.0, strip_usage=True), with_usage) == b"".join(without)
+
+
+def test_responses_api_events_count():
+    delta = {"type": "response.output_text.delta", "delta": "hi"}
+    done = {"type": "response.completed", "response": {"usage": {"input_tokens": 3, "output_tokens": 7}}}
+    assert has_generated_output(delta)
+    assert usage_counts(done) == (3, 7)
+
+
+def test_completions_text_counts_as_output():
+    assert has_generated_output(orjson.loads(chunk(text="x")[6:]))
+    assert not has_generated_output(orjson.loads(chunk(text="")[6:]))

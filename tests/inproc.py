@@ -1,0 +1,99 @@
+"""Run the proxy app in this process (uvicorn in a thread), in front of any upstream.
+
+For proxy behaviour that needs no engine start of its own: a second proxy in front of the session's
+real engine (auth, body limits) or in front of a fault-injecting fake (tests/fake_engine.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+import time
+from typing import Any
+from urllib.parse import urlparse
+
+import uvicorn
+
+from app.logs import configure_logging
+from app.main import create_app
+from app.runtime import Phase, Runtime
+from app.settings import Settings
+from stack import free_port
+
+
+class LogSink(io.TextIOBase):
+    """A thread-safe stream the proxy logs into; tests read the JSON records back."""
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+
+    def write(self, s: str) -> int:
+        with self._lock:
+            self._lines.extend(line for line in s.splitlines() if line.strip())
+        return len(s)
+
+    def records(self) -> list[dict[str, Any]]:
+        with self._lock:
+            lines = list(self._lines)
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def request(self, request_id: str, timeout: float = 5) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for rec in self.records():
+                if rec.get("event") == "request" and rec.get("request_id") == request_id:
+                    return rec
+            time.sleep(0.02)
+        raise AssertionError(f"no log line for {request_id}")
+
+
+LOGS = LogSink()
+configure_logging("DEBUG", "json", stream=LOGS)
+
+
+class InProcessProxy:
+    def __init__(self, upstream_url: str, runtime: Runtime | None = None, **settings: Any) -> None:
+        engine_port = urlparse(upstream_url).port
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.runtime = runtime or Runtime()
+        if runtime is None:
+            self.runtime.set_phase(Phase.READY)
+        self.settings = Settings(
+            MODEL_NAME=settings.pop("MODEL_NAME", "m"), ENGINE_PORT=engine_port, PORT=self.port, **settings
+        )
+        config = uvicorn.Config(
+            create_app(self.settings, self.runtime),
+            host="127.0.0.1",
+            port=self.port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            http="httptools",
+            ws="none",
+            server_header=False,
+            date_header=False,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.logs = LOGS
+
+    def __enter__(self) -> InProcessProxy:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("in-process proxy did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def run_async(coro: Any) -> Any:
+    return asyncio.run(coro)
