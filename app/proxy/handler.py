@@ -185,7 +185,9 @@ class ProxyHandler:
             if watcher is not None:
                 watcher.cancel()
             if resp is not None:
-                if state.get("complete"):
+                # After a 5xx the engine's server may drop the connection (uvicorn does once an
+                # exception escaped): never hand such a connection to the next request.
+                if state.get("complete") and resp.status < 500:
                     resp.release()
                 else:
                     resp.close()

@@ -76,7 +76,8 @@ class Upstream:
         self._session: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=None)
+        # Idle connections are dropped before the engine's own keep-alive (uvicorn: 5 s) ends them.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4, ttl_dns_cache=None)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(
@@ -107,18 +108,26 @@ class Upstream:
         kwargs = {}
         if timeout is not None:
             kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout)
-        try:
-            resp = await self._session.request(
-                method,
-                self.base_url + target,
-                headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers],
-                data=body,
-                allow_redirects=False,
-                compress=None,
-                **kwargs,
-            )
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise classify(exc) from exc
+        # A pooled connection the engine closed a moment ago fails before any response byte: the
+        # engine never saw the request, so a body we hold whole is sent once more on a new one.
+        attempts = 2 if body is None or isinstance(body, bytes) else 1
+        for attempt in range(attempts):
+            try:
+                resp = await self._session.request(
+                    method,
+                    self.base_url + target,
+                    headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers],
+                    data=body,
+                    allow_redirects=False,
+                    compress=None,
+                    **kwargs,
+                )
+                break
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if attempt + 1 == attempts or isinstance(exc, aiohttp.ClientConnectorError):
+                    raise classify(exc) from exc
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                raise classify(exc) from exc
         return UpstreamResponse(resp)
 
     async def get(self, path: str, timeout: float) -> tuple[int, bytes]:

@@ -32,6 +32,7 @@ def vision_stack(tiny_models, stack_logs):
         SERVED_MODEL_NAME="tiny-vision",
         MAX_MODEL_LEN="1024",
         IMAGE_LIMIT="2",
+        VLLM_MEDIA_FETCH_MAX_RETRIES="1",  # an unreachable image URL fails at once
     ).start()
     yield stack
     stack.stop()
