@@ -345,9 +345,11 @@ def check_streaming(ctx: Context) -> str:
     )
     if not first_content < arrivals[-1]:
         raise Fail(f"the first content chunk was also the last one: {detail}")
-    # Buffered somewhere on the way, every chunk lands in one read: gaps of microseconds only.
+    # Buffered somewhere on the way, every chunk lands in one read: gaps of microseconds only. An
+    # engine that generates faster than its API server sends (tiny models) bursts the same way, so
+    # this is reported, not failed.
     if content_chunks >= 4 and longest_gap < 0.001:
-        raise Fail(f"all chunks arrived at once (is a proxy buffering the stream?): {detail}")
+        detail += " (note: all chunks arrived in one burst: a buffering proxy, or a very fast model)"
     if finish == "stop" and content_chunks < 4:
         detail += " (the model stopped early; too few chunks to judge the spacing)"
     return detail

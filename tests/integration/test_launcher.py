@@ -1,0 +1,164 @@
+"""The launcher's whole life, run for real through scripts/start.sh: start-up failures, SIGTERM
+under load, the engine dying."""
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from stack import Stack
+
+pytestmark = pytest.mark.integration
+
+
+def _error_lines(stack: Stack) -> list[dict]:
+    return [r for r in stack.records() if r.get("level") == "error"]
+
+
+def _no_traceback(stack: Stack) -> None:
+    assert "Traceback" not in stack.log_path.read_text()
+
+
+def test_no_gpu_is_one_clear_line_and_exit_1(stack_logs, tiny_models):
+    stack = Stack(stack_logs, "no-gpu", MODEL_NAME=str(tiny_models["text"]), DEVICE="auto").start(wait=False)
+    assert stack.wait_exit(30) == 1
+    errors = _error_lines(stack)
+    assert len(errors) == 1 and errors[0]["event"].startswith("No NVIDIA GPU found")
+    _no_traceback(stack)
+
+
+def test_invalid_settings_exit_2_naming_the_setting(stack_logs, tiny_models):
+    stack = Stack(stack_logs, "bad-setting", MODEL_NAME=str(tiny_models["text"]), GPU_MEMORY_UTIL="2").start(wait=False)
+    assert stack.wait_exit(30) == 2
+    assert "invalid setting GPU_MEMORY_UTIL" in stack.tail()
+    _no_traceback(stack)
+
+
+def test_missing_model_name_is_refused_by_start_sh(stack_logs):
+    stack = Stack(stack_logs, "no-model", MODEL_NAME="").start(wait=False)
+    assert stack.wait_exit(30) == 2
+    assert "MODEL_NAME is required" in stack.tail()
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("/no/such/model", "looks like a path but no such directory exists"),
+        ("someorg/not-cached-model", "is not in the cache"),
+    ],
+)
+def test_a_model_that_cannot_be_had_exits_1_saying_why(stack_logs, tmp_path, model, message):
+    stack = Stack(stack_logs, "model-missing", MODEL_NAME=model, HF_HOME=str(tmp_path)).start(wait=False)
+    assert stack.wait_exit(30) == 1
+    errors = _error_lines(stack)
+    assert len(errors) == 1 and message in errors[0]["event"]
+    _no_traceback(stack)
+
+
+def test_engine_refusing_its_flags_exits_1(stack_logs, tiny_models):
+    stack = Stack(
+        stack_logs, "bad-flag", MODEL_NAME=str(tiny_models["text"]), ENGINE_EXTRA_ARGS="--no-such-flag"
+    ).start(wait=False)
+    assert stack.wait_exit(120) == 1
+    assert any(r.get("event") == "engine exited during start-up" for r in stack.records())
+
+
+def test_engine_not_healthy_within_startup_timeout_exits_1_and_leaves_no_engine(stack_logs, tiny_models):
+    stack = Stack(stack_logs, "slow-start", MODEL_NAME=str(tiny_models["text"]), STARTUP_TIMEOUT="2").start(wait=False)
+    assert stack.wait_exit(60) == 1
+    assert any(r.get("event") == "engine not healthy in time" for r in stack.records())
+    pid = next(r["pid"] for r in stack.records() if r.get("event") == "engine started")
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def _long_stream(stack: Stack, out: dict, max_tokens: int = 2500) -> threading.Thread:
+    def run():
+        body = {"model": "m", "prompt": "x", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+        chunks = []
+        try:
+            with httpx.stream("POST", stack.url + "/v1/completions", json=body, timeout=60) as r:
+                out["status"] = r.status_code
+                for line in r.iter_lines():
+                    if line:
+                        chunks.append(line)
+                        out["first"] = True
+        except httpx.HTTPError as exc:
+            out["exc"] = exc
+        out["lines"] = chunks
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while "first" not in out and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "first" in out, out
+    return thread
+
+
+def test_sigterm_lets_the_stream_finish_refuses_new_requests_and_exits_0(stack_logs, tiny_models):
+    stack = Stack(
+        stack_logs, "sigterm", MODEL_NAME=str(tiny_models["text"]), SERVED_MODEL_NAME="m", MAX_MODEL_LEN="4096"
+    ).start(wait=False)
+    # While the engine loads, RunPod's /ping says 204 and requests get 503 with Retry-After.
+    seen, deadline = set(), time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            status = httpx.get(stack.url + "/ping", timeout=2).status_code
+        except httpx.HTTPError:
+            status = None
+        if status == 204 and 204 not in seen:
+            early = httpx.post(stack.url + "/v1/completions", json={"model": "m", "prompt": "x"}, timeout=5)
+            assert early.status_code == 503 and early.headers["retry-after"]
+        seen.add(status)
+        if status == 200:
+            break
+        time.sleep(0.05)
+    assert {204, 200} <= seen
+
+    out: dict = {}
+    thread = _long_stream(stack, out)
+    stack.signal(signal.SIGTERM)
+    time.sleep(0.3)
+    refused = httpx.post(stack.url + "/v1/completions", json={"model": "m", "prompt": "x"}, timeout=5)
+    assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+    assert httpx.get(stack.url + "/health", timeout=5).status_code == 503
+    thread.join(60)
+    assert stack.wait_exit(60) == 0
+    assert out["status"] == 200 and "exc" not in out
+    data = [line for line in out["lines"] if line.startswith("data: {")]
+    assert len(data) >= 2500 * 0.5 and out["lines"][-1] == "data: [DONE]"
+    events = [r.get("event") for r in stack.records()]
+    assert events.index("draining") < events.index("drained") < events.index("engine stopped")
+
+
+def test_engine_dying_ends_streams_cleanly_and_the_launcher_exits_1(stack_logs, tiny_models):
+    stack = Stack(
+        stack_logs, "engine-killed", MODEL_NAME=str(tiny_models["text"]), SERVED_MODEL_NAME="m", MAX_MODEL_LEN="4096"
+    ).start()
+    out: dict = {}
+    thread = _long_stream(stack, out, max_tokens=4000)
+    pid = next(r["pid"] for r in stack.records() if r.get("event") == "engine started")
+    os.kill(pid, signal.SIGKILL)
+    thread.join(30)
+    assert not thread.is_alive()
+    # The client saw the stream end with an error event (not a hang, not a silent cut).
+    assert "error" in out["lines"][-1] or "exc" in out
+    assert stack.wait_exit(30) == 1
+    assert any(r.get("event", "").startswith("engine exited") for r in stack.records())
+
+
+def test_sigterm_while_the_engine_loads_stops_at_once_with_exit_0(stack_logs, tiny_models):
+    stack = Stack(stack_logs, "sigterm-loading", MODEL_NAME=str(tiny_models["text"])).start(wait=False)
+    deadline = time.monotonic() + 30
+    while not any(r.get("event") == "engine started" for r in stack.records()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    stack.signal(signal.SIGTERM)
+    assert stack.wait_exit(30) == 0
+    pid = next(r["pid"] for r in stack.records() if r.get("event") == "engine started")
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
