@@ -74,7 +74,7 @@ def build_tokenizer(out: Path, vocab_size: int = 400):
     return fast
 
 
-VERSION = "3"  # bump when a builder changes, so cached models are rebuilt
+VERSION = "5"  # bump when a builder changes, so cached models are rebuilt
 _STAMP = ".tiny-models-version"
 
 
@@ -135,7 +135,7 @@ def build_vision(out: Path) -> Path:
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         pad_token_id=tok.pad_token_id,
         scale_factor=2,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,
         vision_config=dict(
             hidden_size=32,
             intermediate_size=64,
@@ -153,7 +153,7 @@ def build_vision(out: Path) -> Path:
             num_attention_heads=1,
             num_key_value_heads=1,
             max_position_embeddings=2048,
-            tie_word_embeddings=True,
+            tie_word_embeddings=False,
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
@@ -175,8 +175,10 @@ def build_vision(out: Path) -> Path:
 
 
 def _write_generation_config(out: Path, tok) -> None:
-    """Greedy by default (`top_k: 1`, which vLLM takes as its default sampling): random weights
-    then answer the same way every time, so tests do not flake on an early end-of-sequence."""
+    """Greedy by default (`top_k: 1`, which vLLM takes as its default sampling), with a repetition
+    penalty: random weights then answer the same varied gibberish every time, so tests do not flake
+    on an early end-of-sequence. (Untied embeddings: tied ones make a 1-layer model repeat its last
+    prompt token forever.)"""
     (out / "generation_config.json").write_text(
         json.dumps(
             {
@@ -184,6 +186,7 @@ def _write_generation_config(out: Path, tok) -> None:
                 "eos_token_id": tok.eos_token_id,
                 "pad_token_id": tok.pad_token_id,
                 "top_k": 1,
+                "repetition_penalty": 1.5,
             }
         )
     )
