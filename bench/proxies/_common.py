@@ -1,0 +1,73 @@
+"""What every contender proxy shares, so that only the upstream client differs between them.
+
+Each `bench/proxies/<client>.py` is a raw ASGI app (no framework) that reads the request body, forwards
+method, path, body and headers through one pooled client made at start-up, and relays status, headers
+and body chunks back as they arrive. Header handling mirrors `app/proxy/handler.py`: hop-by-hop headers,
+`host` and `content-length` are dropped both ways (the client sets its own request length, the server
+re-frames the response as chunked).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+
+UPSTREAM = os.environ.get("BENCH_UPSTREAM", "http://127.0.0.1:19000").rstrip("/")
+
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_REQUEST_DROP = _HOP_BY_HOP | {"host", "content-length", "expect"}
+_RESPONSE_DROP = _HOP_BY_HOP | {"content-length"}
+
+
+def request_headers(scope: dict) -> list[tuple[str, str]]:
+    """The incoming request's headers to forward, as str pairs (every client takes those)."""
+    return [
+        (name, value.decode("latin-1"))
+        for raw, value in scope["headers"]
+        if (name := raw.decode("latin-1")) not in _REQUEST_DROP
+    ]
+
+
+def response_headers(pairs) -> list[tuple[bytes, bytes]]:
+    """The upstream response's headers (str or bytes pairs) to relay, as the bytes pairs ASGI wants."""
+    out = []
+    for name, value in pairs:
+        if isinstance(name, str):
+            name, value = name.encode("latin-1"), value.encode("latin-1")
+        if name.lower().decode("latin-1") not in _RESPONSE_DROP:
+            out.append((name, value))
+    return out
+
+
+async def read_body(receive: Callable[[], Awaitable[dict]]) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def lifespan(receive, send, startup, shutdown) -> None:
+    """ASGI lifespan: `startup()` makes the client, `shutdown()` closes it."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await startup()
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await shutdown()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
