@@ -132,6 +132,10 @@ class Launcher:
 
         if not await self._start_server():
             return 1
+        if self.engine.build_command is None:
+            log.info("fronting an external engine", url=s.engine_url)
+            self.runtime.detail = "waiting for the engine"
+            return await self._supervise()
 
         self.runtime.detail = "resolving model"
         resolving = asyncio.ensure_future(
@@ -171,9 +175,14 @@ class Launcher:
         self.pump = asyncio.ensure_future(self._pump(self.proc.stdout))
         return await self._supervise()
 
+    def _engine_exit(self) -> asyncio.Future:
+        """Completes with the engine's exit code; never, for an engine the launcher did not start."""
+        if self.proc is None:
+            return asyncio.get_running_loop().create_future()
+        return asyncio.ensure_future(self.proc.wait())
+
     async def _supervise(self) -> int:
-        assert self.proc is not None
-        exited = asyncio.ensure_future(self.proc.wait())
+        exited = self._engine_exit()
         ready = asyncio.ensure_future(self._wait_ready())
         first = await _first(ready, exited, self.stop.wait(), self.server_task, keep=(self.server_task,))
         if first is self.server_task:
@@ -201,7 +210,7 @@ class Launcher:
             engine_version=self.runtime.engine_version,
         )
 
-        exited = asyncio.ensure_future(self.proc.wait())
+        exited = self._engine_exit()
         first = await _first(exited, self.stop.wait(), self.server_task, keep=(self.server_task,))
         if first is exited:
             code = exited.result()

@@ -54,9 +54,15 @@ class Settings(BaseSettings):
     )
 
     # --- Engine ------------------------------------------------------------------------------
-    ENGINE: Literal["vllm"] = Field(
+    ENGINE: Literal["vllm", "external"] = Field(
         "vllm",
-        description="Inference engine behind the proxy: `vllm` (started on ENGINE_PORT, bound to 127.0.0.1).",
+        description="Inference engine behind the proxy: `vllm` (started here on ENGINE_PORT, "
+        "bound to 127.0.0.1), or `external`: no engine is started, the proxy fronts ENGINE_URL.",
+    )
+    ENGINE_URL: str | None = Field(
+        None,
+        description="ENGINE=external: base URL of an OpenAI-compatible engine running elsewhere "
+        "(`http://host:port`).",
     )
     DEVICE: Literal["auto", "cuda", "cpu"] = Field(
         "auto",
@@ -151,7 +157,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _require_model(self) -> Settings:
-        if not self.MODEL_NAME:
+        if self.ENGINE == "external":
+            if not self.ENGINE_URL:
+                raise ValueError("ENGINE=external needs ENGINE_URL, the engine's base URL")
+            if not self.ENGINE_URL.startswith(("http://", "https://")):
+                raise ValueError(f"ENGINE_URL must start with http:// or https://, not {self.ENGINE_URL!r}")
+        elif not self.MODEL_NAME:
             raise ValueError("MODEL_NAME is required: a Hugging Face model id or a local path")
         if self.ENGINE_PORT == self.PORT:
             raise ValueError(f"ENGINE_PORT and PORT are both {self.PORT}: pick two ports")
@@ -164,6 +175,8 @@ class Settings(BaseSettings):
 
     @property
     def engine_url(self) -> str:
+        if self.ENGINE == "external" and self.ENGINE_URL:
+            return self.ENGINE_URL.rstrip("/")
         return f"http://127.0.0.1:{self.ENGINE_PORT}"
 
 

@@ -15,7 +15,12 @@ if [[ -z "$python" ]]; then
 fi
 command -v "$python" >/dev/null || { echo "start.sh: no Python interpreter at '$python'" >&2; exit 1; }
 
-if [[ -z "${MODEL_NAME:-}" ]]; then
+if [[ "${ENGINE:-vllm}" == external ]]; then
+  if [[ -z "${ENGINE_URL:-}" ]]; then
+    echo "start.sh: ENGINE=external needs ENGINE_URL (the engine's base URL)" >&2
+    exit 2
+  fi
+elif [[ -z "${MODEL_NAME:-}" ]]; then
   echo "start.sh: MODEL_NAME is required (a Hugging Face model id or a local directory)" >&2
   exit 2
 fi

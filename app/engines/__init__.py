@@ -5,7 +5,11 @@ from __future__ import annotations
 from app.engines.base import Engine
 from app.engines.vllm import VLLM
 
-ENGINES: dict[str, Engine] = {"vllm": VLLM}
+# An OpenAI-compatible server started by someone else (vLLM, SGLang, TensorRT-LLM...): the proxy
+# only waits for its /health and fronts it.
+EXTERNAL = Engine(name="external", build_command=None)
+
+ENGINES: dict[str, Engine] = {"vllm": VLLM, "external": EXTERNAL}
 
 
 def engine_for(settings) -> Engine:

@@ -14,8 +14,9 @@ MASK = "***"
 @dataclass(frozen=True)
 class Engine:
     name: str
-    build_command: Callable[..., list[str]]
-    """(settings, model_path) -> argv. Pure: no I/O, same settings give the same argv."""
+    build_command: Callable[..., list[str]] | None
+    """(settings, model_path) -> argv. Pure: no I/O, same settings give the same argv. None for an
+    engine the launcher does not start (ENGINE=external)."""
     health_path: str = "/health"
     metrics_path: str = "/metrics"
     version_path: str | None = "/version"

@@ -102,3 +102,13 @@ def test_served_name_defaults_to_model_name_and_secrets_stay_secret():
     assert s.served_model_name == "org/m"
     assert "sk-secret" not in repr(s) and "hf_x" not in repr(s)
     assert Settings(MODEL_NAME="org/m", SERVED_MODEL_NAME="chat").served_model_name == "chat"
+
+
+def test_external_engine_needs_a_url_and_not_a_model():
+    with pytest.raises(ValidationError, match="needs ENGINE_URL"):
+        Settings(ENGINE="external")
+    with pytest.raises(ValidationError, match="must start with http"):
+        Settings(ENGINE="external", ENGINE_URL="host:8000")
+    s = Settings(ENGINE="external", ENGINE_URL="http://10.0.0.5:8000/")
+    assert s.engine_url == "http://10.0.0.5:8000"
+    assert Settings(MODEL_NAME="m", ENGINE_PORT=9001).engine_url == "http://127.0.0.1:9001"

@@ -31,7 +31,9 @@ def test_no_gpu_is_one_clear_line_and_exit_1(stack_logs, tiny_models):
 
 
 def test_invalid_settings_exit_2_naming_the_setting(stack_logs, tiny_models):
-    stack = Stack(stack_logs, "bad-setting", MODEL_NAME=str(tiny_models["text"]), GPU_MEMORY_UTIL="2").start(wait=False)
+    stack = Stack(stack_logs, "bad-setting", MODEL_NAME=str(tiny_models["text"]), GPU_MEMORY_UTIL="2").start(
+        wait=False
+    )
     assert stack.wait_exit(30) == 2
     assert "invalid setting GPU_MEMORY_UTIL" in stack.tail()
     _no_traceback(stack)
@@ -67,7 +69,9 @@ def test_engine_refusing_its_flags_exits_1(stack_logs, tiny_models):
 
 
 def test_engine_not_healthy_within_startup_timeout_exits_1_and_leaves_no_engine(stack_logs, tiny_models):
-    stack = Stack(stack_logs, "slow-start", MODEL_NAME=str(tiny_models["text"]), STARTUP_TIMEOUT="2").start(wait=False)
+    stack = Stack(stack_logs, "slow-start", MODEL_NAME=str(tiny_models["text"]), STARTUP_TIMEOUT="2").start(
+        wait=False
+    )
     assert stack.wait_exit(60) == 1
     assert any(r.get("event") == "engine not healthy in time" for r in stack.records())
     pid = next(r["pid"] for r in stack.records() if r.get("event") == "engine started")
@@ -101,7 +105,11 @@ def _long_stream(stack: Stack, out: dict, max_tokens: int = 2500) -> threading.T
 
 def test_sigterm_lets_the_stream_finish_refuses_new_requests_and_exits_0(stack_logs, tiny_models):
     stack = Stack(
-        stack_logs, "sigterm", MODEL_NAME=str(tiny_models["text"]), SERVED_MODEL_NAME="m", MAX_MODEL_LEN="4096"
+        stack_logs,
+        "sigterm",
+        MODEL_NAME=str(tiny_models["text"]),
+        SERVED_MODEL_NAME="m",
+        MAX_MODEL_LEN="4096",
     ).start(wait=False)
     # While the engine loads, RunPod's /ping says 204 and requests get 503 with Retry-After.
     seen, deadline = set(), time.monotonic() + 180
@@ -137,7 +145,11 @@ def test_sigterm_lets_the_stream_finish_refuses_new_requests_and_exits_0(stack_l
 
 def test_engine_dying_ends_streams_cleanly_and_the_launcher_exits_1(stack_logs, tiny_models):
     stack = Stack(
-        stack_logs, "engine-killed", MODEL_NAME=str(tiny_models["text"]), SERVED_MODEL_NAME="m", MAX_MODEL_LEN="4096"
+        stack_logs,
+        "engine-killed",
+        MODEL_NAME=str(tiny_models["text"]),
+        SERVED_MODEL_NAME="m",
+        MAX_MODEL_LEN="4096",
     ).start()
     out: dict = {}
     thread = _long_stream(stack, out, max_tokens=4000)
@@ -162,3 +174,28 @@ def test_sigterm_while_the_engine_loads_stops_at_once_with_exit_0(stack_logs, ti
     pid = next(r["pid"] for r in stack.records() if r.get("event") == "engine started")
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_external_engine_mode_runs_the_proxy_alone_in_front_of_it(stack_logs, text_stack):
+    proxy = Stack(
+        stack_logs, "external", ENGINE="external", ENGINE_URL=text_stack.engine_url, MODEL_NAME=""
+    ).start(timeout=30)
+    try:
+        r = httpx.post(
+            proxy.url + "/v1/completions", json={"model": "tiny-text", "prompt": "x", "max_tokens": 3}
+        )
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        info = httpx.get(proxy.url + "/info").json()
+        assert info["engine"]["name"] == "external" and info["engine"]["url"] == text_stack.engine_url
+        assert info["engine"]["version"]
+        assert not any(r.get("event") == "starting engine" for r in proxy.records())
+    finally:
+        proxy.stop()
+    assert proxy.proc.returncode == 0
+    assert httpx.get(text_stack.url + "/health").status_code == 200  # the engine it fronted lives on
+
+
+def test_external_mode_needs_an_engine_url(stack_logs):
+    stack = Stack(stack_logs, "external-no-url", ENGINE="external", MODEL_NAME="").start(wait=False)
+    assert stack.wait_exit(30) == 2
+    assert "ENGINE_URL" in stack.tail()

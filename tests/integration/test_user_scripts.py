@@ -18,7 +18,9 @@ def test_test_api_passes_against_the_image_model(vision_stack):
     result = run("test_api.py", vision_stack.url)
     assert result.returncode == 0, [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
     for check in ("health", "chat", "streaming", "stream_usage", "request_id", "image_base64", "errors"):
-        assert any(line.startswith("PASS") and f" {check} " in line for line in result.stdout.splitlines()), check
+        assert any(line.startswith("PASS") and f" {check} " in line for line in result.stdout.splitlines()), (
+            check
+        )
 
 
 def test_test_api_skips_images_on_a_text_model_and_fails_on_a_dead_url(text_stack):
@@ -37,5 +39,13 @@ def test_client_example_runs_text_and_streaming(vision_stack, tmp_path):
     for only in ("text", "stream", "image-base64"):
         result = run("client_example.py", "--base-url", vision_stack.url + "/v1", "--only", only)
         assert result.returncode == 0, result.stdout + result.stderr
-    result = run("client_example.py", "--base-url", vision_stack.url + "/v1", "--only", "image-file", "--image-file", str(image))
+    result = run(
+        "client_example.py",
+        "--base-url",
+        vision_stack.url + "/v1",
+        "--only",
+        "image-file",
+        "--image-file",
+        str(image),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
