@@ -119,7 +119,8 @@ class Launcher:
         s = self.settings
         report = gpu.probe()
         self.runtime.gpus = report.as_dict()
-        problem = gpu.check_device(s.DEVICE, report)
+        # An external engine has its own GPUs: this container needs none.
+        problem = gpu.check_device(s.DEVICE, report) if self.engine.build_command else None
         if problem:
             log.error(problem)
             return 1
