@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     engine = engine_for(settings)
     proxy = ProxyHandler(
         runtime=runtime,
+        sse_keepalive=settings.SSE_KEEPALIVE_INTERVAL,
         max_request_bytes=settings.MAX_REQUEST_BYTES,
         api_key=settings.API_KEY.get_secret_value() if settings.API_KEY else None,
     )
@@ -61,7 +62,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         upstream = Upstream(
             settings.engine_url,
             connect_timeout=settings.UPSTREAM_CONNECT_TIMEOUT,
-            read_timeout=settings.UPSTREAM_READ_TIMEOUT,
+            first_byte_timeout=settings.UPSTREAM_FIRST_BYTE_TIMEOUT,
+            idle_timeout=settings.UPSTREAM_IDLE_TIMEOUT,
         )
         await upstream.open()
         proxy.upstream = upstream
@@ -155,4 +157,6 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
                 pass
         return Response(own + engine_text, media_type=CONTENT_TYPE_LATEST)
 
-    return RequestContextMiddleware(Dispatcher(api, proxy), runtime)
+    return RequestContextMiddleware(
+        Dispatcher(api, proxy), runtime, self_headed=lambda path: path not in LOCAL_PATHS
+    )

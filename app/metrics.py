@@ -1,20 +1,21 @@
 """Every metric the proxy exports, under one prefix, in one registry.
 
 The registry is the proxy's own (not prometheus_client's global one), so `/metrics` can append the
-engine's `vllm:*` families without two `process_*` families clashing.
+engine's `vllm:*` families without two `process_*` families clashing. The request metrics are
+`app.promlite`'s lock-free classes (they are updated several times per request on the hot path),
+exposed through this registry like any prometheus_client metric.
 """
 
 from __future__ import annotations
 
 from prometheus_client import (
     CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
 )
+
+from app.promlite import Counter, Gauge, Histogram
 
 PREFIX = "vllm_api"
 

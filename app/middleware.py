@@ -7,15 +7,16 @@ model, stream, TTFT, token counts, modalities, error.
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
-from app import metrics
+from app import logs, metrics
 from app.errors import send_error
 from app.proxy.headers import get_header
 from app.runtime import Runtime
@@ -47,6 +48,10 @@ class RequestRecord:
     disconnected: bool = False
     """The client hung up before the response was complete (logged as status 499)."""
 
+    @property
+    def id_header(self) -> tuple[bytes, bytes]:
+        return (b"x-request-id", self.request_id.encode())
+
     def fields(self, duration_s: float) -> dict[str, Any]:
         tps = None
         if self.completion_tokens and duration_s > 0:
@@ -69,25 +74,34 @@ class RequestRecord:
         }
 
 
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(1)
+
+
 def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
-    """The client's `X-Request-ID` when it is a sane token, else a new one."""
+    """The client's `X-Request-ID` when it is a sane token, else a new one: a random per-process
+    prefix and a counter (unique across replicas, and cheaper than a uuid4 per request)."""
     given = get_header(headers, b"x-request-id")
     if given is not None and _REQUEST_ID.fullmatch(given):
         return given.decode()
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_id_counter):016x}"
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: Any, runtime: Runtime) -> None:
+    """`self_headed`: paths whose app sets `rec.status` and the `x-request-id` header itself (the
+    pass-through, which sends up to one message per streamed token: wrapping `send` would cost a
+    call each); every other path gets `send` wrapped to do it."""
+
+    def __init__(self, app: Any, runtime: Runtime, self_headed: Any = lambda path: False) -> None:
         self.app = app
         self.runtime = runtime
+        self.self_headed = self_headed
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = scope["headers"]
-        rid = request_id_from(headers)
+        rid = request_id_from(scope["headers"])
         client = scope.get("client")
         rec = RequestRecord(
             request_id=rid,
@@ -96,59 +110,85 @@ class RequestContextMiddleware:
             client=f"{client[0]}:{client[1]}" if client else None,
         )
         scope[RECORD_KEY] = rec
-        rid_header = (b"x-request-id", rid.encode())
         structlog.contextvars.bind_contextvars(request_id=rid)
         quiet = rec.path in QUIET_PATHS
         if not quiet:
             self.runtime.request_started()
             metrics.IN_FLIGHT.inc()
 
-        async def send_with_id(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                rec.status = message["status"]
-                message["headers"] = [*message.get("headers", ()), rid_header]
-            await send(message)
+        if self.self_headed(rec.path):
+            inner_send = send
+        else:
+
+            async def inner_send(message: dict) -> None:
+                if message["type"] == "http.response.start":
+                    rec.status = message["status"]
+                    message["headers"] = [*message.get("headers", ()), rec.id_header]
+                await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, inner_send)
         except Exception as exc:  # the inner app failed: one 500, logged with its traceback
             rec.error = rec.error or f"internal error: {exc.__class__.__name__}"
             _log.exception("unhandled error", path=rec.path)
             if rec.status == 0:
-                await send_with_id_safe(send_with_id, rec)
+                await send_with_id_safe(send, rec)
         finally:
             duration = time.perf_counter() - rec.start
             if not quiet:
                 self.runtime.request_finished()
                 metrics.IN_FLIGHT.dec()
                 observe(rec, duration)
-                _log.info("request", **rec.fields(duration))
+                logs.request_line(rec.fields(duration))
             else:
                 _log.debug("request", **rec.fields(duration))
             structlog.contextvars.unbind_contextvars("request_id")
 
 
 async def send_with_id_safe(send: Any, rec: RequestRecord) -> None:
+    rec.status = 500
     try:
-        await send_error(send, 500, "internal error in the proxy", code="internal_error")
+        await send_error(
+            send, 500, "internal error in the proxy", code="internal_error", headers=[rec.id_header]
+        )
     except Exception:  # the connection is gone; the log line says what happened
-        rec.status = 500
+        pass
+
+
+_children: dict[tuple[str, str, int], tuple[Any, ...]] = {}
+
+
+def _series(route: str, model: str, status: int) -> tuple[Any, ...]:
+    """The labelled children for one (route, model, status), looked up once: `labels()` takes a
+    lock and builds a key every call."""
+    key = (route, model, status)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = (
+            metrics.REQUESTS.labels(route, model, str(status)),
+            metrics.REQUEST_DURATION.labels(route, model),
+            metrics.TTFT.labels(route, model),
+            metrics.PROMPT_TOKENS.labels(model),
+            metrics.COMPLETION_TOKENS.labels(model),
+            metrics.TOKENS_PER_SECOND.labels(model),
+        )
+    return found
 
 
 def observe(rec: RequestRecord, duration: float) -> None:
-    route = metrics.route_label(rec.path)
     status = 499 if rec.disconnected else rec.status
     # Only a request the engine accepted names a model label: clients cannot mint label values.
     model = rec.model if (rec.model and 200 <= status < 400) else ""
-    metrics.REQUESTS.labels(route, model, str(status)).inc()
-    metrics.REQUEST_DURATION.labels(route, model).observe(duration)
+    requests, latency, ttft, prompt, completion, tps = _series(metrics.route_label(rec.path), model, status)
+    requests.inc()
+    latency.observe(duration)
     if rec.ttft_s is not None:
-        metrics.TTFT.labels(route, model).observe(rec.ttft_s)
+        ttft.observe(rec.ttft_s)
     if rec.prompt_tokens:
-        metrics.PROMPT_TOKENS.labels(model).inc(rec.prompt_tokens)
+        prompt.inc(rec.prompt_tokens)
     if rec.completion_tokens:
-        metrics.COMPLETION_TOKENS.labels(model).inc(rec.completion_tokens)
+        completion.inc(rec.completion_tokens)
         if duration > 0:
-            metrics.TOKENS_PER_SECOND.labels(model).observe(rec.completion_tokens / duration)
+            tps.observe(rec.completion_tokens / duration)
     for modality, n in rec.modalities.items():
         metrics.REQUEST_PARTS.labels(modality).inc(n)

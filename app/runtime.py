@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-class Phase(str, enum.Enum):
+class Phase(enum.StrEnum):
     STARTING = "starting"  # checking the GPU, downloading the model, engine loading
     READY = "ready"
     DRAINING = "draining"  # SIGTERM received: finishing in-flight requests, refusing new ones
@@ -54,7 +54,7 @@ class Runtime:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         finally:
             self._idle = None

@@ -127,6 +127,12 @@ class Settings(BaseSettings):
     MAX_REQUEST_BYTES: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest request body; larger gets 413."
     )
+    CLIENT_TIMEOUT: float = Field(
+        120,
+        gt=0,
+        description="Seconds a client has to send a whole request, headers and body (slow or "
+        "stalled clients get 408 or are disconnected).",
+    )
     DRAIN_TIMEOUT: float = Field(
         60,
         ge=0,
@@ -136,11 +142,23 @@ class Settings(BaseSettings):
     UPSTREAM_CONNECT_TIMEOUT: float = Field(
         10, gt=0, description="Seconds to open a connection to the engine (then 502)."
     )
-    UPSTREAM_READ_TIMEOUT: float = Field(
-        600,
+    UPSTREAM_FIRST_BYTE_TIMEOUT: float = Field(
+        900,
         gt=0,
-        description="Seconds the engine may stay silent: before the response "
-        "starts and between stream chunks (then 504). Long prefills need room.",
+        description="Seconds the engine may take to start answering (then 504). A non-streamed "
+        "answer starts only when generation ends, so this bounds whole generations.",
+    )
+    UPSTREAM_IDLE_TIMEOUT: float = Field(
+        300,
+        gt=0,
+        description="Seconds a started response (a stream) may stay silent, queueing and long "
+        "prefills included, before the proxy gives up on it.",
+    )
+    SSE_KEEPALIVE_INTERVAL: float = Field(
+        15,
+        ge=0,
+        description="While a stream is silent this long, send an SSE comment line so load "
+        "balancers that cut idle connections (often at 60 s) keep it open. 0: never.",
     )
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of the proxy and launcher."

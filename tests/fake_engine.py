@@ -58,10 +58,15 @@ class FakeEngine:
             await asyncio.sleep(3600)
         if mode == "status":
             return web.json_response({"error": {"message": "nope", "type": "BadRequestError"}}, status=400)
-        if mode in ("stream", "crash-mid-stream", "endless"):
+        if mode in ("stream", "crash-mid-stream", "endless", "slow-prefill", "stall-mid-stream"):
             resp = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8"})
             await resp.prepare(request)
             try:
+                if mode == "slow-prefill":  # headers at once, then silence, as vLLM during a prefill
+                    await asyncio.sleep(float(request.headers.get("x-fake-delay", "2.5")))
+                if mode == "stall-mid-stream":
+                    await resp.write(SSE_EVENT)
+                    await asyncio.sleep(3600)
                 for _ in range(10**6 if mode == "endless" else 3):
                     await resp.write(SSE_EVENT)
                     await asyncio.sleep(0.01)

@@ -19,6 +19,7 @@ import uvicorn
 from app.logs import configure_logging
 from app.main import create_app
 from app.runtime import Phase, Runtime
+from app.server import server_config
 from app.settings import Settings
 from stack import free_port
 
@@ -65,17 +66,8 @@ class InProcessProxy:
         self.settings = Settings(
             MODEL_NAME=settings.pop("MODEL_NAME", "m"), ENGINE_PORT=engine_port, PORT=self.port, **settings
         )
-        config = uvicorn.Config(
-            create_app(self.settings, self.runtime),
-            host="127.0.0.1",
-            port=self.port,
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-            http="httptools",
-            ws="none",
-            server_header=False,
-            date_header=False,
+        config = server_config(
+            create_app(self.settings, self.runtime), "127.0.0.1", self.port, self.settings.CLIENT_TIMEOUT
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -5,8 +5,8 @@ Request bodies: JSON bodies are read whole (bounded by MAX_REQUEST_BYTES) becaus
 against the same bound. Responses are streamed out as they arrive, SSE included, with status,
 headers (less hop-by-hop ones) and bytes as the engine sent them.
 
-A client that hangs up cancels the relay: the upstream connection is closed, so the engine sees
-the disconnect and aborts the generation.
+A client that hangs up cancels the relay: the upstream connection is dropped, so the engine sees the
+disconnect and aborts the generation.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import orjson
 from app import metrics
 from app.errors import error_message, send_error
 from app.middleware import RECORD_KEY, RequestRecord
-from app.proxy.headers import Headers, filter_headers, get_header
+from app.proxy.headers import HOP_BY_HOP, Headers, filter_headers, get_header
 from app.proxy.request_body import inspect_json
 from app.proxy.sse import StreamObserver, usage_counts
 from app.proxy.upstream import Upstream, UpstreamError, UpstreamResponse
@@ -30,10 +30,13 @@ from app.runtime import Phase, Runtime
 # Upstream failure -> (status, OpenAI error code); the one place this mapping lives.
 UPSTREAM_STATUS = {"connect": (502, "engine_unreachable"), "timeout": (504, "engine_timeout")}
 
-_REQUEST_DROP = frozenset({b"host", b"content-length", b"expect"})
-_RESPONSE_DROP = frozenset({b"content-length"})
+# Request headers the proxy does not forward: its own framing and host, and a consumed `expect`.
+_REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 _SSE_HEADERS = [(b"x-accel-buffering", b"no")]
 _MAX_ACCOUNTED_BODY = 4 * 1024 * 1024  # non-stream bodies larger than this are relayed unparsed
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+# A client hang-up is watched for once a request has run this long: quicker ones never pay for it.
+WATCH_AFTER_S = 0.05
 
 
 class BodyTooLarge(Exception):
@@ -45,28 +48,23 @@ class ClientGone(Exception):
 
 
 class StreamedBody:
-    """A request body streamed to the engine as the client sends it, bounded by the size limit.
-    The upstream client wraps what the iterator raises, so why it stopped is kept here."""
+    """A request body streamed to the engine as the client sends it, bounded by the size limit."""
 
-    __slots__ = ("_receive", "_limit", "too_large", "client_gone")
+    __slots__ = ("_receive", "_limit")
 
     def __init__(self, receive: Any, limit: int) -> None:
         self._receive = receive
         self._limit = limit
-        self.too_large = False
-        self.client_gone = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         size = 0
         while True:
             message = await self._receive()
             if message["type"] == "http.disconnect":
-                self.client_gone = True
                 raise ClientGone
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self._limit:
-                self.too_large = True
                 raise BodyTooLarge
             if chunk:
                 yield chunk
@@ -74,9 +72,85 @@ class StreamedBody:
                 return
 
 
+class _HangupWatch:
+    """Cancels the request's task when the client disconnects (uvicorn's `send` ignores a gone
+    client silently, so only `receive` tells). Armed after WATCH_AFTER_S."""
+
+    __slots__ = ("_task", "_receive", "_rec", "_timer", "_watcher", "_loop", "done")
+
+    def __init__(self, receive: Any, rec: RequestRecord) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._receive = receive
+        self._rec = rec
+        self._watcher: asyncio.Task | None = None
+        self.done = False
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(WATCH_AFTER_S, self._arm)
+
+    def _arm(self) -> None:
+        self._timer = None
+        if not self.done:
+            self._watcher = self._loop.create_task(self._receive())
+            self._watcher.add_done_callback(self._on_message)
+
+    def _on_message(self, fut: asyncio.Future) -> None:
+        if self.done or fut.cancelled() or fut.exception() is not None:
+            return
+        if fut.result().get("type") == "http.disconnect" and self._task is not None:
+            self._rec.disconnected = True
+            self._task.cancel()
+
+    def stop(self) -> None:
+        self.done = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+
+class _Keepalive:
+    """Sends an SSE comment (`: keep-alive`) when a stream has been silent for a whole interval,
+    e.g. while a long prompt is prefilled, so idle-timeout proxies between the client and us keep
+    the connection. The relay only bumps `sent` per message; a timer per interval does the rest."""
+
+    __slots__ = ("_send", "_interval", "_loop", "_timer", "_task", "_seen", "sent")
+
+    COMMENT = {"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True}
+
+    def __init__(self, send: Any, interval: float) -> None:
+        self._send = send
+        self._interval = interval
+        self._loop = asyncio.get_running_loop()
+        self._task: asyncio.Task | None = None
+        self._seen = self.sent = 0
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(interval, self._tick)
+
+    def _tick(self) -> None:
+        if self.sent == self._seen and (self._task is None or self._task.done()):
+            self._task = self._loop.create_task(self._send(self.COMMENT))
+        self._seen = self.sent
+        self._timer = self._loop.call_later(self._interval, self._tick)
+
+    async def close(self) -> None:
+        """Stop; a comment being sent is let through first, so it cannot follow the last message."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+
+
 class ProxyHandler:
-    def __init__(self, *, runtime: Runtime, max_request_bytes: int, api_key: str | None) -> None:
+    def __init__(
+        self,
+        *,
+        runtime: Runtime,
+        max_request_bytes: int,
+        api_key: str | None,
+        sse_keepalive: float = 0,
+    ) -> None:
         self.runtime = runtime
+        self.sse_keepalive = sse_keepalive
         self.max_request_bytes = max_request_bytes
         self._api_key = api_key.encode() if api_key else None
         self.upstream: Upstream | None = None  # set in the app's lifespan
@@ -85,11 +159,33 @@ class ProxyHandler:
         if scope["type"] != "http":
             return
         rec: RequestRecord = scope[RECORD_KEY]
-        headers: Headers = scope["headers"]
+        path: str = scope["path"]
+        method: str = scope["method"]
 
-        if self._api_key is not None and scope["path"].startswith("/v1") and not self._authorized(headers):
+        # One pass over the request headers: what to forward, and what the proxy needs to know.
+        forward: Headers = []
+        length = ctype = auth = connection = None
+        for name, value in scope["headers"]:
+            if name in _REQUEST_DROP:
+                if name == b"content-length":
+                    length = value
+                elif name == b"connection":
+                    connection = value
+                continue
+            if name == b"content-type":
+                ctype = value
+            elif name == b"authorization":
+                auth = value
+                if self._api_key is not None:
+                    continue  # the proxy consumed the key; the engine has none
+            forward.append((name, value))
+
+        if connection is not None:  # headers named in Connection are hop-by-hop too (rare)
+            forward = filter_headers([(b"connection", connection), *forward])
+        if self._api_key is not None and path.startswith("/v1") and not self._authorized(auth):
             rec.error = "missing or invalid API key"
-            await send_error(
+            await self._error(
+                rec,
                 send,
                 401,
                 "Missing or invalid API key: send `Authorization: Bearer <API_KEY>`.",
@@ -100,25 +196,22 @@ class ProxyHandler:
         if not self.runtime.accepting:
             await self._unavailable(rec, send)
             return
-
-        length = get_header(headers, b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
+        if length is not None and (not length.isdigit() or int(length) > self.max_request_bytes):
             await self._too_large(rec, send)
             return
 
-        ctype = get_header(headers, b"content-type") or b""
         body: bytes | StreamedBody | None
         strip_usage = False
         try:
-            if scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            if method in _NO_BODY_METHODS:
                 body = await self._read_body(receive) if length not in (None, b"0") else None
-            elif ctype.startswith(b"application/json"):
-                info = inspect_json(await self._read_body(receive), scope["path"])
+            elif ctype is not None and ctype.startswith(b"application/json"):
+                info = inspect_json(await self._read_body(receive), path)
                 rec.model, rec.stream, rec.modalities = info.model, info.stream, info.modalities
                 strip_usage = info.strip_usage
                 body = info.body
             else:
-                body = self._stream_body(receive)
+                body = StreamedBody(receive, self.max_request_bytes)
         except BodyTooLarge:
             await self._too_large(rec, send)
             return
@@ -126,155 +219,160 @@ class ProxyHandler:
             rec.disconnected = True
             return
 
-        forward = filter_headers(headers, _REQUEST_DROP)
-        if self._api_key is not None:  # the proxy consumed the key; the engine has none
-            forward = [(k, v) for k, v in forward if k != b"authorization"]
-        if isinstance(body, bytes):
-            forward.append((b"content-length", str(len(body)).encode()))
-        elif length is not None:
-            forward.append((b"content-length", length))
-        target = (
-            scope["path"]
-            if not scope.get("query_string")
-            else (f"{scope['path']}?{scope['query_string'].decode('latin-1')}")
+        query = scope.get("query_string")
+        target = f"{path}?{query.decode('latin-1')}" if query else path
+        await self._exchange(
+            receive,
+            send,
+            rec,
+            method,
+            target,
+            forward,
+            body,
+            int(length) if length is not None and not isinstance(body, bytes) else None,
+            strip_usage,
         )
-        await self._exchange(scope, receive, send, rec, target, forward, body, strip_usage)
 
     # --- the exchange -------------------------------------------------------------------------
 
-    async def _exchange(self, scope, receive, send, rec, target, headers, body, strip_usage) -> None:
-        assert self.upstream is not None
-        task = asyncio.current_task()
-        assert task is not None
-        state = {"done": False}
-        watcher: asyncio.Future | None = None
-
-        def on_client_message(fut: asyncio.Future) -> None:
-            if fut.cancelled() or fut.exception() is not None or state["done"]:
-                return
-            if fut.result().get("type") == "http.disconnect":
-                rec.disconnected = True
-                task.cancel()
-
-        if not isinstance(body, StreamedBody):  # the request body is consumed: watch for hang-up
-            watcher = asyncio.ensure_future(receive())
-            watcher.add_done_callback(on_client_message)
+    async def _exchange(
+        self, receive, send, rec: RequestRecord, method, target, headers, body, length, strip_usage
+    ) -> None:
+        upstream = self.upstream
+        assert upstream is not None
+        watch = _HangupWatch(receive, rec) if not isinstance(body, StreamedBody) else None
         resp: UpstreamResponse | None = None
+        complete = False
         try:
             try:
-                resp = await self.upstream.request(scope["method"], target, headers, body)
+                resp = await upstream.request(method, target, headers, body, length=length)
             except UpstreamError as exc:
-                if isinstance(body, StreamedBody) and body.too_large:
-                    await self._too_large(rec, send)
-                elif isinstance(body, StreamedBody) and body.client_gone:
-                    rec.disconnected = True
-                else:
-                    await self._upstream_failed(rec, send, exc)
+                await self._upstream_failed(rec, send, exc)
                 return
-            if watcher is None:
-                watcher = asyncio.ensure_future(receive())
-                watcher.add_done_callback(on_client_message)
-            await self._relay(resp, send, rec, state, strip_usage)
+            except BodyTooLarge:
+                await self._too_large(rec, send)
+                return
+            except ClientGone:
+                rec.disconnected = True
+                return
+            if watch is None:
+                watch = _HangupWatch(receive, rec)
+            complete = await self._relay(resp, send, rec, watch, strip_usage)
         except asyncio.CancelledError:
-            if rec.disconnected and task.uncancel() == 0:
+            task = asyncio.current_task()
+            if rec.disconnected and task is not None and task.uncancel() == 0:
                 rec.error = rec.error or "client disconnected"
                 return
             raise
         finally:
-            state["done"] = True
-            if watcher is not None:
-                watcher.cancel()
+            if watch is not None:
+                watch.stop()
             if resp is not None:
                 # After a 5xx the engine's server may drop the connection (uvicorn does once an
                 # exception escaped): never hand such a connection to the next request.
-                if state.get("complete") and resp.status < 500:
+                if complete and resp.status < 500:
                     resp.release()
                 else:
                     resp.close()
 
-    async def _relay(
-        self, resp: UpstreamResponse, send, rec: RequestRecord, state: dict, strip_usage: bool
-    ) -> None:
+    async def _relay(self, resp: UpstreamResponse, send, rec, watch: _HangupWatch, strip_usage: bool) -> bool:
+        """Relay status, headers and body; True if the whole body came through."""
         ctype = get_header(resp.headers, b"content-type") or b""
         is_sse = ctype.startswith(b"text/event-stream")
-        out_headers = filter_headers(
-            resp.headers, _RESPONSE_DROP if (is_sse and strip_usage) else frozenset()
-        )
+        drop = {b"content-length"} if is_sse and strip_usage else ()
+        out_headers = filter_headers(resp.headers, frozenset(drop))
         if is_sse:
             out_headers += _SSE_HEADERS
+        rec.status = resp.status
+        out_headers.append(rec.id_header)
         await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
         if is_sse:
-            await self._relay_sse(resp, send, rec, state, strip_usage)
-        else:
-            await self._relay_body(resp, send, rec, state)
+            return await self._relay_sse(resp, send, rec, watch, strip_usage)
+        return await self._relay_body(resp, send, rec, watch)
 
-    async def _relay_sse(self, resp, send, rec, state, strip_usage) -> None:
+    async def _relay_sse(self, resp: UpstreamResponse, send, rec, watch, strip_usage: bool) -> bool:
         observer = StreamObserver(rec.start, strip_usage=strip_usage)
+        keepalive = _Keepalive(send, self.sse_keepalive) if self.sse_keepalive > 0 else None
+        tail = b""
+        complete = False
         try:
             async for chunk in resp.chunks():
                 out = observer.feed(chunk)
                 if out:
+                    if keepalive is not None:
+                        keepalive.sent += 1
                     await send({"type": "http.response.body", "body": out, "more_body": True})
+            complete = True
         except UpstreamError as exc:
             metrics.UPSTREAM_ERRORS.labels(exc.kind).inc()
             rec.error = f"stream broken: {exc}"
-            tail = observer.finish()
-            event = (
-                b"data: "
-                + orjson.dumps(
-                    {
-                        "error": {
-                            "message": f"The engine failed mid-stream: {exc}",
-                            "type": "engine_error",
-                            "param": None,
-                            "code": exc.kind,
-                        }
+            event = orjson.dumps(
+                {
+                    "error": {
+                        "message": f"The engine failed mid-stream: {exc}",
+                        "type": "engine_error",
+                        "param": None,
+                        "code": exc.kind,
                     }
-                )
-                + b"\n\n"
+                }
             )
-            await send({"type": "http.response.body", "body": tail + event, "more_body": False})
-            return
+            tail = b"data: " + event + b"\n\n"
         finally:
+            if keepalive is not None:
+                await keepalive.close()
             rec.ttft_s = observer.ttft_s
             rec.prompt_tokens, rec.completion_tokens = observer.prompt_tokens, observer.completion_tokens
             rec.error = rec.error or observer.error
-        state["done"] = True
-        state["complete"] = True
-        await send({"type": "http.response.body", "body": observer.finish(), "more_body": False})
+        watch.done = True
+        await send({"type": "http.response.body", "body": observer.finish() + tail})
+        return complete
 
-    async def _relay_body(self, resp, send, rec, state) -> None:
+    async def _relay_body(self, resp: UpstreamResponse, send, rec, watch) -> bool:
         kept: list[bytes] = []
         size = 0
-        try:
-            async for chunk in resp.chunks():
-                if size <= _MAX_ACCOUNTED_BODY:
-                    kept.append(chunk)
-                    size += len(chunk)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except UpstreamError as exc:  # headers are out: all that is left is to end the response
-            metrics.UPSTREAM_ERRORS.labels(exc.kind).inc()
-            rec.error = f"response broken: {exc}"
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return
-        state["done"] = True
-        state["complete"] = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        if size <= _MAX_ACCOUNTED_BODY and kept:
-            body = b"".join(kept)
-            if resp.status >= 400:
-                rec.error = error_message(body)
-            elif b'"usage"' in body:
-                try:
-                    rec.prompt_tokens, rec.completion_tokens = usage_counts(orjson.loads(body))
-                except orjson.JSONDecodeError:
-                    pass
+        while True:
+            try:
+                chunk = await resp.read()
+            except UpstreamError as exc:  # headers are out: all that is left is to end the response
+                metrics.UPSTREAM_ERRORS.labels(exc.kind).inc()
+                rec.error = f"response broken: {exc}"
+                await send({"type": "http.response.body", "body": b""})
+                return False
+            last = not chunk or resp.at_end
+            if size <= _MAX_ACCOUNTED_BODY:
+                kept.append(chunk)
+                size += len(chunk)
+            if last:  # usually the whole body arrived in one read: one send
+                watch.done = True
+                await send({"type": "http.response.body", "body": chunk})
+                break
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if size <= _MAX_ACCOUNTED_BODY:
+            self._account(resp.status, kept[0] if len(kept) == 1 else b"".join(kept), rec)
+        return True
+
+    @staticmethod
+    def _account(status: int, body: bytes, rec: RequestRecord) -> None:
+        if status >= 400:
+            rec.error = error_message(body)
+        elif b'"usage"' in body:
+            try:
+                rec.prompt_tokens, rec.completion_tokens = usage_counts(orjson.loads(body))
+            except orjson.JSONDecodeError:
+                pass
 
     # --- request body -------------------------------------------------------------------------
 
     async def _read_body(self, receive) -> bytes:
-        parts: list[bytes] = []
-        size = 0
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        body = message.get("body", b"")
+        if not message.get("more_body", False):
+            if len(body) > self.max_request_bytes:
+                raise BodyTooLarge
+            return body
+        parts, size = [body], len(body)
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -285,16 +383,12 @@ class ProxyHandler:
                 raise BodyTooLarge
             parts.append(chunk)
             if not message.get("more_body", False):
-                return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def _stream_body(self, receive) -> StreamedBody:
-        return StreamedBody(receive, self.max_request_bytes)
+                return b"".join(parts)
 
     # --- refusals -----------------------------------------------------------------------------
 
-    def _authorized(self, headers: Headers) -> bool:
-        value = get_header(headers, b"authorization") or b""
-        scheme, _, token = value.partition(b" ")
+    def _authorized(self, value: bytes | None) -> bool:
+        scheme, _, token = (value or b"").partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._api_key or b"")
 
     async def _unavailable(self, rec: RequestRecord, send) -> None:
@@ -306,11 +400,14 @@ class ProxyHandler:
         else:
             message, retry = f"The engine is not running ({self.runtime.detail}).", b"30"
         rec.error = f"unavailable: {phase.value}"
-        await send_error(send, 503, message, code="engine_unavailable", headers=[(b"retry-after", retry)])
+        await self._error(
+            rec, send, 503, message, code="engine_unavailable", headers=[(b"retry-after", retry)]
+        )
 
     async def _too_large(self, rec: RequestRecord, send) -> None:
         rec.error = "request body too large"
-        await send_error(
+        await self._error(
+            rec,
             send,
             413,
             f"Request body larger than MAX_REQUEST_BYTES ({self.max_request_bytes} bytes).",
@@ -322,4 +419,9 @@ class ProxyHandler:
         metrics.UPSTREAM_ERRORS.labels(exc.kind).inc()
         status, code = UPSTREAM_STATUS.get(exc.kind, (502, "engine_error"))
         rec.error = str(exc)
-        await send_error(send, status, f"Upstream engine error: {exc}", code=code)
+        await self._error(rec, send, status, f"Upstream engine error: {exc}", code=code)
+
+    @staticmethod
+    async def _error(rec: RequestRecord, send, status: int, message: str, *, code: str, headers=()) -> None:
+        rec.status = status
+        await send_error(send, status, message, code=code, headers=[*headers, rec.id_header])

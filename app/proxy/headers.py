@@ -19,22 +19,21 @@ HOP_BY_HOP = frozenset(
 Headers = list[tuple[bytes, bytes]]
 
 
-def _connection_tokens(headers: Headers) -> frozenset[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return frozenset(tokens)
-
-
 def filter_headers(headers: Headers, drop: frozenset[bytes] = frozenset()) -> Headers:
     """Headers without hop-by-hop ones, those named in `Connection`, and `drop` (lower-case)."""
-    extra = _connection_tokens(headers)
-    return [
-        (name, value)
-        for name, value in headers
-        if (low := name.lower()) not in HOP_BY_HOP and low not in extra and low not in drop
-    ]
+    out: Headers = []
+    connection = None
+    for name, value in headers:
+        low = name.lower()
+        if low in HOP_BY_HOP or low in drop:
+            if low == b"connection":
+                connection = value
+            continue
+        out.append((name, value))
+    if connection is not None:
+        named = {token.strip().lower() for token in connection.split(b",")}
+        out = [(name, value) for name, value in out if name.lower() not in named]
+    return out
 
 
 def get_header(headers: Headers, name: bytes) -> bytes | None:

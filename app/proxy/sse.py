@@ -39,6 +39,18 @@ def _split_events(block: bytes) -> list[bytes]:
     return events
 
 
+def _event_start(block: bytes, index: int) -> int:
+    """Where the event holding `block[index]` begins."""
+    boundary = block.rfind(b"\n\n", 0, index)
+    return boundary + 2 if boundary >= 0 else 0
+
+
+def _event_at(block: bytes, index: int) -> bytes:
+    """The whole event holding `block[index]`."""
+    end = block.find(b"\n\n", index)
+    return block[_event_start(block, index) : len(block) if end < 0 else end + 2]
+
+
 def _data(event: bytes) -> Any:
     """The parsed JSON of an event's `data:` field, or None (comments, `[DONE]`, non-JSON)."""
     for line in event.splitlines():
@@ -118,7 +130,6 @@ class StreamObserver:
         "prompt_tokens",
         "completion_tokens",
         "error",
-        "events_seen",
     )
 
     def __init__(self, start: float, strip_usage: bool = False) -> None:
@@ -130,7 +141,6 @@ class StreamObserver:
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
         self.error: str | None = None
-        self.events_seen = 0
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._buf + chunk if self._buf else chunk
@@ -155,35 +165,50 @@ class StreamObserver:
         return out
 
     def _block(self, block: bytes) -> bytes:
-        if (
-            self.ttft_s is None
-            or self._held is not None
-            or _USAGE in block
-            or _ERROR in block
-            or (self.strip_usage and _FINISHED in block)
-        ):
-            return self._events(block)
+        """Measure a block of whole events; what to send on. Only the events that carry a marker
+        are parsed: a block of many events (a fast engine) costs a few substring searches."""
+        if self.ttft_s is None:
+            self._first_token(block)
+        if self.error is None and _ERROR in block:
+            self.error = _error_message(_data(_event_at(block, block.find(_ERROR))))
+        if self.strip_usage and (self._held is not None or _FINISHED in block or _USAGE in block):
+            # From the first finishing event on, event by event: hold, strip, restore.
+            if self._held is not None:
+                return self._events(block)
+            marks = [i for i in (block.find(_FINISHED), block.find(_USAGE)) if i >= 0]
+            cut = _event_start(block, min(marks))
+            return block[:cut] + self._events(block[cut:])
+        if _USAGE in block:
+            self._usage(_data(_event_at(block, block.rfind(_USAGE))))
         return block
+
+    def _first_token(self, block: bytes) -> None:
+        start = 0
+        while start < len(block):  # event by event, stopping at the first with output
+            end = block.find(b"\n\n", start)
+            end = len(block) if end < 0 else end + 2
+            if has_generated_output(_data(block[start:end])):
+                self.ttft_s = time.perf_counter() - self._start
+                return
+            start = end
+
+    def _usage(self, obj: Any) -> None:
+        prompt, completion = usage_counts(obj)
+        if prompt is not None:
+            self.prompt_tokens = prompt
+        if completion is not None:
+            self.completion_tokens = completion
 
     def _events(self, block: bytes) -> bytes:
         out: list[bytes] = []
         for event in _split_events(block):
-            self.events_seen += 1
-            if self.ttft_s is None and has_generated_output(_data(event)):
-                self.ttft_s = time.perf_counter() - self._start
-            if _ERROR in event and self.error is None:
-                self.error = _error_message(_data(event))
             if _USAGE in event:
                 obj = _data(event)
-                prompt, completion = usage_counts(obj)
-                if prompt is not None:
-                    self.prompt_tokens = prompt
-                if completion is not None:
-                    self.completion_tokens = completion
-                if self.strip_usage and isinstance(obj, dict) and obj.get("choices") == []:
+                self._usage(obj)
+                if isinstance(obj, dict) and obj.get("choices") == []:
                     self._release_held(out, obj.get("system_fingerprint"))
                     continue
-            if self.strip_usage and (self._held is not None or _FINISHED in event):
+            if self._held is not None or _FINISHED in event:
                 if self._held is None:
                     self._held = []
                 self._held.append(event)

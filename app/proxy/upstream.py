@@ -1,21 +1,37 @@
-"""The one pooled HTTP client to the engine, and the one place its failures are classified.
+"""The one pooled HTTP/1.1 client to the engine, and the one place its failures are classified.
 
-aiohttp is the client because it was measured: on one core, a Starlette proxy on aiohttp relayed
-~3,700 req/s against ~530 on httpx (`bench/upstream_clients.py` reruns the comparison). Responses
-are relayed as raw bytes: no decompression, no cookie jar, no default headers added.
+Why not a general-purpose client: the proxy's CPU cost per request is mostly its upstream leg
+(`bench/upstream_clients.py`: on one core, a minimal proxy on aiohttp relayed ~4,800 req/s, on httpx
+~640), and the engine is one known HTTP/1.1 server on loopback or a private network. So this client
+is the server side of uvicorn turned around: an `asyncio.Protocol` per connection, `httptools` (the
+parser uvicorn uses) for responses, one `transport.write` per request, and bytes handed on as they
+arrive. It does what the proxy needs and nothing else: keep-alive pooling, `Content-Length` and
+chunked bodies both ways, flow control both ways, TLS for an external engine, timeouts (connect;
+silence before the response and between body chunks), and no redirects, cookies, decompression or
+header rewriting.
+
+Failures are `UpstreamError`s of three kinds (`connect`, `timeout`, `protocol`); the handler maps
+them to statuses in one table.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import ssl
+import time
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Literal
+from urllib.parse import urlsplit
 
-import aiohttp
+import httptools
 
 from app.proxy.headers import Headers
 
 ErrorKind = Literal["connect", "timeout", "protocol"]
+
+_HIGH_WATER = 1 << 20  # bytes queued from the engine before we stop reading its socket
+_LOW_WATER = 1 << 18
 
 
 class UpstreamError(Exception):
@@ -27,72 +43,280 @@ class UpstreamError(Exception):
         self.kind: ErrorKind = kind
 
 
-def classify(exc: BaseException) -> UpstreamError:
-    if isinstance(exc, UpstreamError):
-        return exc
-    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-        return UpstreamError("timeout", "the engine did not answer in time")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamError("connect", f"cannot connect to the engine: {exc.os_error or exc}")
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return UpstreamError("protocol", "the engine closed the connection")
-    return UpstreamError("protocol", f"engine response broken: {exc.__class__.__name__}: {exc}")
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection to the engine; one response at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers: Headers = []
+        self._head: asyncio.Future | None = None
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._queued = 0
+        self._waiter: asyncio.Future | None = None
+        self._complete = False
+        self._error: UpstreamError | None = None
+        self._reading_paused = False
+        self._drain: asyncio.Future | None = None
+        self._write_paused = False
+        self.started = False  # any byte of the current response arrived
+
+    # --- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.started = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamError("protocol", f"invalid HTTP from the engine: {exc}"))
+            self.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self._complete:
+            self._fail(UpstreamError("protocol", "the engine closed the connection"))
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    # --- httptools callbacks ------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        if self._head is not None and not self._head.done():
+            self._head.set_result(self._parser.get_status_code())
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._queued += len(body)
+        if self._queued > _HIGH_WATER and not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self._complete = True
+        if not self._parser.should_keep_alive():
+            self.closed = True
+        self._wake()
+
+    # --- used by Upstream / UpstreamResponse --------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self._error is None:
+            self._error = error
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(error)
+        self._wake()
+
+    def begin(self) -> asyncio.Future:
+        """Reset per-response state; returns the future of the status code."""
+        self._headers = []
+        self._chunks.clear()
+        self._queued = 0
+        self._complete = False
+        self._error = None
+        self.started = False
+        self._head = self._loop.create_future()
+        return self._head
+
+    async def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+        if self._write_paused and not self.closed:
+            self._drain = self._loop.create_future()
+            await self._drain
+
+    async def read(self, timeout: float) -> bytes:
+        """The next body bytes, b"" at the end; raises UpstreamError."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._complete:
+                return b""
+            self._waiter = self._loop.create_future()
+            timer = self._loop.call_later(timeout, _expire, self._waiter)
+            try:
+                await self._waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        if len(self._chunks) == 1:
+            chunk = self._chunks.popleft()
+        else:  # several arrived while nobody was reading: hand them on as one
+            chunk = b"".join(self._chunks)
+            self._chunks.clear()
+        self._queued -= len(chunk)
+        if self._reading_paused and self._queued < _LOW_WATER and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return chunk
+
+    @property
+    def reusable(self) -> bool:
+        return self._complete and self._error is None and not self.closed
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(UpstreamError("timeout", "the engine did not answer in time"))
 
 
 class UpstreamResponse:
-    __slots__ = ("_resp", "status", "headers")
+    __slots__ = ("_conn", "_pool", "_read_timeout", "status", "headers", "_released")
 
-    def __init__(self, resp: aiohttp.ClientResponse) -> None:
-        self._resp = resp
-        self.status: int = resp.status
-        self.headers: Headers = [(k.lower(), v) for k, v in resp.raw_headers]
+    def __init__(self, conn: _Connection, pool: Upstream, status: int, read_timeout: float) -> None:
+        self._conn = conn
+        self._pool = pool
+        self._read_timeout = read_timeout
+        self.status = status
+        self.headers: Headers = conn._headers
+        self._released = False
+
+    async def read(self) -> bytes:
+        return await self._conn.read(self._read_timeout)
+
+    @property
+    def at_end(self) -> bool:
+        """Nothing more to read: the whole body has been handed out."""
+        return self._conn._complete and not self._conn._chunks
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Body bytes as they arrive; raises UpstreamError when the engine fails mid-body."""
-        content = self._resp.content
-        try:
-            while True:
-                chunk = await content.readany()
-                if not chunk:
-                    return
-                yield chunk
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise classify(exc) from exc
+        read = self._conn.read
+        timeout = self._read_timeout
+        while chunk := await read(timeout):
+            yield chunk
+
+    async def body(self) -> bytes:
+        parts = []
+        while chunk := await self.read():
+            parts.append(chunk)
+        return b"".join(parts)
 
     def close(self) -> None:
         """Drop the connection (the engine sees the disconnect and aborts the request)."""
-        self._resp.close()
+        if not self._released:
+            self._released = True
+            self._conn.abort()
 
     def release(self) -> None:
-        """Return a fully read connection to the pool."""
-        self._resp.release()
+        """Return a fully read connection to the pool (or drop it if it cannot be reused)."""
+        if not self._released:
+            self._released = True
+            self._pool._put(self._conn)
 
 
 class Upstream:
-    def __init__(self, base_url: str, *, connect_timeout: float, read_timeout: float) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout: float,
+        first_byte_timeout: float,
+        idle_timeout: float,
+        keepalive: float = 4.0,
+    ) -> None:
+        parts = urlsplit(base_url.rstrip("/"))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"engine URL must be http(s)://host[:port], not {base_url!r}")
         self.base_url = base_url.rstrip("/")
+        self._host = parts.hostname
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        self._prefix = parts.path
+        host_header = parts.netloc.rsplit("@", 1)[-1]
+        self._host_line = b"host: " + host_header.encode("idna") + b"\r\n"
         self._connect_timeout = connect_timeout
-        self._read_timeout = read_timeout
-        self._session: aiohttp.ClientSession | None = None
+        self._first_byte_timeout = first_byte_timeout
+        self._idle_timeout = idle_timeout
+        # Idle connections are dropped before the engine's own keep-alive (uvicorn: 5 s) ends them.
+        self._keepalive = keepalive
+        self._idle: list[_Connection] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def open(self) -> None:
-        # Idle connections are dropped before the engine's own keep-alive (uvicorn: 5 s) ends them.
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4, ttl_dns_cache=None)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=self._connect_timeout, sock_read=self._read_timeout
-            ),
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            trust_env=False,
-        )
+        self._loop = asyncio.get_running_loop()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.abort()
+
+    # --- the pool -----------------------------------------------------------------------------
+
+    async def _connect(self) -> _Connection:
+        loop = self._loop or asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(loop),
+                    self._host,
+                    self._port,
+                    ssl=self._ssl,
+                    server_hostname=self._host if self._ssl else None,
+                )
+        except TimeoutError as exc:
+            raise UpstreamError("timeout", "connecting to the engine timed out") from exc
+        except OSError as exc:
+            raise UpstreamError("connect", f"cannot connect to the engine: {exc}") from exc
+        return conn
+
+    def _take_idle(self) -> _Connection | None:
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed and now - conn.idle_since < self._keepalive:
+                return conn
+            conn.abort()
+        return None
+
+    def _put(self, conn: _Connection) -> None:
+        if conn.reusable:
+            conn.idle_since = time.monotonic()
+            self._idle.append(conn)
+        else:
+            conn.abort()
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def _head(self, method: str, target: str, headers: Headers, framing: bytes) -> bytes:
+        lines = [
+            method.encode(),
+            b" ",
+            (self._prefix + target).encode("latin-1"),
+            b" HTTP/1.1\r\n",
+            self._host_line,
+        ]
+        for name, value in headers:
+            lines += [name, b": ", value, b"\r\n"]
+        lines += [framing, b"\r\n"]
+        return b"".join(lines)
 
     async def request(
         self,
@@ -102,41 +326,79 @@ class Upstream:
         body: bytes | AsyncIterable[bytes] | None,
         *,
         timeout: float | None = None,
+        length: int | None = None,
     ) -> UpstreamResponse:
-        """Send a request; returns once the response headers arrived."""
-        assert self._session is not None, "Upstream.open() was not awaited"
-        kwargs = {}
-        if timeout is not None:
-            kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout)
-        # A pooled connection the engine closed a moment ago fails before any response byte: the
-        # engine never saw the request, so a body we hold whole is sent once more on a new one.
-        attempts = 2 if body is None or isinstance(body, bytes) else 1
-        for attempt in range(attempts):
-            try:
-                resp = await self._session.request(
-                    method,
-                    self.base_url + target,
-                    headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers],
-                    data=body,
-                    allow_redirects=False,
-                    compress=None,
-                    **kwargs,
-                )
-                break
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                if attempt + 1 == attempts or isinstance(exc, aiohttp.ClientConnectorError):
-                    raise classify(exc) from exc
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                raise classify(exc) from exc
-        return UpstreamResponse(resp)
+        """Send a request; returns once the response headers arrived (within the first-byte
+        timeout, or `timeout`). `headers` must not carry framing headers (`content-length`,
+        `transfer-encoding`): the client writes its own, from `body` (bytes) or `length` (a
+        streamed body of known size; chunked otherwise)."""
+        head_timeout = timeout if timeout is not None else self._first_byte_timeout
+        read_timeout = timeout if timeout is not None else self._idle_timeout
+        if body is None or isinstance(body, bytes):
+            if body:
+                framing = b"content-length: %d\r\n" % len(body)
+            else:  # an empty POST still says so; a bodiless GET says nothing
+                framing = b"" if method in ("GET", "HEAD", "DELETE", "OPTIONS") else b"content-length: 0\r\n"
+            message = self._head(method, target, headers, framing) + (body or b"")
+            # A pooled connection the engine closed a moment ago fails before any response byte:
+            # the engine never saw the request, so it is sent once more on a fresh connection.
+            for attempt in (0, 1):
+                conn = self._take_idle() if attempt == 0 else None
+                reused = conn is not None
+                if conn is None:
+                    conn = await self._connect()
+                head_future = conn.begin()
+                await conn.write(message)
+                try:
+                    status = await self._await_head(conn, head_future, head_timeout)
+                except UpstreamError as exc:
+                    conn.abort()
+                    if reused and exc.kind == "protocol" and not conn.started:
+                        continue
+                    raise
+                return self._response(conn, status, method, read_timeout)
+            raise AssertionError("unreachable")
+        conn = self._take_idle() or await self._connect()
+        head_future = conn.begin()
+        try:
+            framing = (
+                b"transfer-encoding: chunked\r\n" if length is None else b"content-length: %d\r\n" % length
+            )
+            await conn.write(self._head(method, target, headers, framing))
+            async for chunk in body:
+                if conn.closed:
+                    break
+                await conn.write(chunk if length is not None else b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            if length is None:
+                await conn.write(b"0\r\n\r\n")
+            status = await self._await_head(conn, head_future, head_timeout)
+        except BaseException:
+            conn.abort()
+            raise
+        return self._response(conn, status, method, read_timeout)
+
+    async def _await_head(self, conn: _Connection, head: asyncio.Future, timeout: float) -> int:
+        if head.done():
+            return head.result()
+        timer = conn._loop.call_later(timeout, _expire, head)
+        try:
+            return await head
+        finally:
+            timer.cancel()
+
+    def _response(self, conn: _Connection, status: int, method: str, read_timeout: float) -> UpstreamResponse:
+        if method == "HEAD":  # no body follows, whatever the headers say
+            conn._complete = True
+            conn.closed = True
+        return UpstreamResponse(conn, self, status, read_timeout)
 
     async def get(self, path: str, timeout: float) -> tuple[int, bytes]:
         """A small GET for the proxy's own use (health, version, metrics)."""
         resp = await self.request("GET", path, [], None, timeout=timeout)
         try:
-            body = await resp._resp.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise classify(exc) from exc
-        finally:
-            resp.release()
+            body = await resp.body()
+        except BaseException:
+            resp.close()
+            raise
+        resp.release()
         return resp.status, body

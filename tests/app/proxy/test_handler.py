@@ -22,7 +22,7 @@ def fake():
 
 @pytest.fixture(scope="module")
 def proxy(fake):
-    with InProcessProxy(fake.url, UPSTREAM_READ_TIMEOUT=1, MAX_REQUEST_BYTES=4096) as p:
+    with InProcessProxy(fake.url, UPSTREAM_FIRST_BYTE_TIMEOUT=1, MAX_REQUEST_BYTES=4096) as p:
         yield p
 
 
@@ -230,3 +230,77 @@ def test_metrics_merge_the_engines_families_without_clashes(proxy):
     assert len(names) == len(set(names))
     assert "vllm:num_requests_running" in names and "vllm_api_requests" in names
     assert text.count("# TYPE process_cpu_seconds_total") == 1
+
+
+@pytest.fixture(scope="module")
+def patient(fake):
+    with InProcessProxy(
+        fake.url, SSE_KEEPALIVE_INTERVAL=0.5, UPSTREAM_IDLE_TIMEOUT=1.5, CLIENT_TIMEOUT=1
+    ) as p:
+        yield p
+
+
+def test_a_silent_stream_gets_keepalive_comments_until_the_first_event(patient):
+    """Fake: a long prefill (2.5 s of silence after the headers) on cue."""
+    with httpx.stream(
+        "POST",
+        patient.url + "/v1/chat/completions",
+        json={"model": "m", "stream": True},
+        headers={"x-fake": "slow-prefill", "x-fake-delay": "1.2"},
+        timeout=10,
+    ) as r:
+        lines = [line for line in r.iter_lines() if line]
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data:"))
+    assert first_data >= 1 and all(line == ": keep-alive" for line in lines[:first_data])
+    assert lines[-1] == "data: [DONE]" and ": keep-alive" not in lines[first_data:]
+
+
+def test_a_stream_silent_past_the_idle_timeout_ends_with_an_error_event(patient):
+    """Fake: the engine stops mid-stream without closing (a hang real vLLM won't do on cue)."""
+    started = time.monotonic()
+    with httpx.stream(
+        "POST",
+        patient.url + "/v1/chat/completions",
+        json={"model": "m", "stream": True},
+        headers={"x-fake": "stall-mid-stream", "x-request-id": "stall-1"},
+        timeout=10,
+    ) as r:
+        lines = [line for line in r.iter_lines() if line and not line.startswith(":")]
+    assert 1.4 < time.monotonic() - started < 5
+    assert "did not answer in time" in orjson.loads(lines[-1][6:])["error"]["message"]
+    assert patient.logs.request("stall-1")["error"].startswith("stream broken")
+
+
+def test_a_client_slow_to_send_its_headers_gets_408_and_is_cut(patient):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", patient.port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # ...and nothing more
+        sock.settimeout(5)
+        started = time.monotonic()
+        data = sock.recv(4096)
+        assert data.startswith(b"HTTP/1.1 408") and 0.8 < time.monotonic() - started < 3
+        assert sock.recv(4096) == b""  # closed
+
+
+def test_a_connection_that_sends_nothing_is_closed(patient):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", patient.port)) as sock:
+        sock.settimeout(5)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 408")
+
+
+def test_a_client_stalling_mid_body_is_disconnected_and_logged(patient, fake):
+    import socket
+
+    n = len(fake.seen)
+    with socket.create_connection(("127.0.0.1", patient.port)) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nx-request-id: stall-body\r\n"
+            b'content-type: application/json\r\ncontent-length: 100\r\n\r\n{"model":'
+        )
+        sock.settimeout(5)
+        assert sock.recv(4096) == b""
+    assert patient.logs.request("stall-body")["status"] == 499
+    assert len(fake.seen) == n  # nothing reached the engine

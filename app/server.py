@@ -1,0 +1,110 @@
+"""The HTTP server the proxy runs on: uvicorn (httptools, uvloop), configured in one place for the
+launcher and the tests, with a guard uvicorn lacks.
+
+uvicorn times out idle keep-alive connections but not a client that is slow to send its request:
+a fresh connection that sends nothing, or headers a byte at a time (slowloris), holds a socket and
+its buffers forever. `GuardedHttpToolsProtocol` gives every request `CLIENT_TIMEOUT` seconds from
+its first byte (or from the connection's opening) to its last body byte: a client still sending
+headers then gets `408` and the connection is closed; one stalled mid-body is disconnected, which
+the app sees as a client hang-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from app.errors import error_body
+
+_408_BODY = error_body(408, "The request was not received in time.", code="request_timeout")
+_408 = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"content-length: %d\r\n\r\n%b" % (len(_408_BODY), _408_BODY)
+)
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    client_timeout: float = 120.0
+
+    _guard: asyncio.TimerHandle | None = None
+    _in_headers = False
+
+    def _arm(self) -> None:
+        if self._guard is not None:
+            self._guard.cancel()
+        self._guard = self.loop.call_later(self.client_timeout, self._expire)
+
+    def _disarm(self) -> None:
+        if self._guard is not None:
+            self._guard.cancel()
+            self._guard = None
+
+    def _expire(self) -> None:
+        self._guard = None
+        if self.transport.is_closing():
+            return
+        if self._in_headers:
+            self.transport.write(_408)
+        self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._in_headers = True
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_headers = True
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._in_headers = False
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # Between requests uvicorn's keep-alive timeout applies; a new request re-arms the guard.
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+
+class ProxyServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the launcher decides when the server stops."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+    def install_signal_handlers(self) -> None:  # uvicorn < 0.29
+        pass
+
+
+def server_config(app: Any, host: str, port: int, client_timeout: float) -> uvicorn.Config:
+    protocol = type(
+        "GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), {"client_timeout": client_timeout}
+    )
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        lifespan="on",
+        http=protocol,
+        loop="none",
+        ws="none",
+        log_config=None,
+        access_log=False,
+        server_header=False,  # the engine's headers pass through; ours would duplicate them
+        date_header=False,
+        proxy_headers=False,  # `client` in the log is the peer; no X-Forwarded-* rewriting
+        timeout_graceful_shutdown=5,
+    )
