@@ -160,6 +160,14 @@ def error_message(exc: openai.APIStatusError) -> str:
     return exc.response.text[:300] or str(exc)
 
 
+def error_code(exc: openai.APIStatusError) -> str | None:
+    try:
+        err = exc.response.json().get("error")
+    except (ValueError, AttributeError):
+        return None
+    return err.get("code") if isinstance(err, dict) else None
+
+
 def short(text: str | None, limit: int = 40) -> str:
     text = " ".join((text or "").split())
     return repr(text if len(text) <= limit else text[: limit - 1] + "…")
@@ -184,6 +192,8 @@ def media_chat(ctx: Context, part: dict[str, Any], kind: str) -> str:
         message = error_message(exc)
         if exc.status_code == 400 and _NO_MULTIMODAL.search(message):
             raise Skip(f"model does not accept {kind}s: {message}") from exc
+        if exc.status_code == 400 and error_code(exc) == "media_url_refused":
+            raise Skip(f"the server's URL policy refused it: {message}") from exc
         if (
             exc.status_code in (400, 422, 500, 504)
             and _FETCH_FAILED.search(message)

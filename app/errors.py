@@ -43,9 +43,10 @@ async def send_error(
     message: str,
     *,
     code: str | None = None,
+    param: str | None = None,
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    body = error_body(status, message, code=code)
+    body = error_body(status, message, code=code, param=param)
     await send(
         {
             "type": "http.response.start",

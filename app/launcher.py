@@ -38,8 +38,28 @@ from app.settings import Settings
 log = get_logger("app.launcher")
 
 ENGINE_STOP_TIMEOUT = 30.0
+LEFTOVER_GRACE = 10.0
 POLL_INTERVAL = 0.5
 _ENGINE_LEVEL = re.compile(r"\b(DEBUG|INFO|WARNING|ERROR|CRITICAL)\b")
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Signal a process group; False if no process of it is left."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a zombie leader not yet reaped still counts as present
+        return True
+    return True
+
+
+def engine_env(environ: dict[str, str] | os._Environ) -> dict[str, str]:
+    """The engine's environment: ours, with safe defaults the user has not overridden."""
+    env = dict(environ)
+    env.setdefault("VLLM_MEDIA_URL_ALLOW_REDIRECTS", "0")  # a checked media URL must not redirect
+    env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    return env
 
 
 def _die_with_parent() -> None:
@@ -155,6 +175,7 @@ class Launcher:
         self.runtime.detail = "engine loading"
         self.proc = await asyncio.create_subprocess_exec(
             *argv,
+            env=engine_env(os.environ),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -313,20 +334,31 @@ class Launcher:
         return self._last_level
 
     async def _stop_engine(self) -> None:
+        """Stop the engine and everything it started (vLLM runs its core in a child process): the
+        whole process group, also when the engine's main process already died on its own, so no
+        orphan keeps computing or holding GPU memory."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.returncode is not None:
+        if proc is None:
             return
-        log.info("stopping engine", pid=proc.pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), ENGINE_STOP_TIMEOUT)
-        except TimeoutError:
-            log.warning("engine did not stop in time: killing it", pid=proc.pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-        log.info("engine stopped", exit_code=proc.returncode)
+        if proc.returncode is None:
+            log.info("stopping engine", pid=proc.pid)
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), ENGINE_STOP_TIMEOUT)
+            except TimeoutError:
+                log.warning("engine did not stop in time: killing it", pid=proc.pid)
+                _signal_group(proc.pid, signal.SIGKILL)
+                await proc.wait()
+            log.info("engine stopped", exit_code=proc.returncode)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LEFTOVER_GRACE
+        while _signal_group(proc.pid, 0):  # the engine's own children, still exiting or orphaned
+            if loop.time() > deadline:
+                log.warning("engine processes left behind: killing them", pgid=proc.pid)
+                _signal_group(proc.pid, signal.SIGKILL)
+                break
+            await asyncio.sleep(POLL_INTERVAL)
+            _signal_group(proc.pid, signal.SIGTERM)
 
     async def _stop_server(self) -> None:
         if self.server is None or self.server_task is None:
@@ -347,6 +379,7 @@ def _run_loop(coro: Awaitable[int]) -> int:
 
 
 def main() -> int:
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # huggingface_hub reads it at import
     try:
         settings = Settings()
     except ValidationError as exc:

@@ -17,29 +17,45 @@ from typing import Any
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.middleware.cors import CORSMiddleware
 
 from app import __version__, metrics
 from app.engines import engine_for
+from app.errors import send_error
 from app.middleware import RequestContextMiddleware
 from app.proxy.handler import ProxyHandler
+from app.proxy.headers import get_header
 from app.proxy.upstream import Upstream, UpstreamError
 from app.runtime import Phase, Runtime
+from app.security import MediaGuard, bearer, load_keys, matches
 from app.settings import Settings
 
 LOCAL_PATHS = frozenset({"/health", "/ping", "/info", "/metrics"})
 HEALTH_TIMEOUT = 5.0
 
 
+KEYED_LOCAL_PATHS = frozenset({"/info"})
+"""Local routes that need an API key when keys are set (probes stay open)."""
+
+
 class Dispatcher:
-    def __init__(self, local: Any, proxy: Any) -> None:
+    def __init__(self, local: Any, proxy: Any, keys: list[bytes]) -> None:
         self.local = local
         self.proxy = proxy
+        self.keys = keys
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] not in LOCAL_PATHS:
-            await self.proxy(scope, receive, send)
-        else:
-            await self.local(scope, receive, send)
+        if scope["type"] == "http":
+            path = scope["path"]
+            if path not in LOCAL_PATHS:
+                await self.proxy(scope, receive, send)
+                return
+            if self.keys and path in KEYED_LOCAL_PATHS:
+                headers = scope["headers"]
+                if not matches(bearer(get_header(headers, b"authorization")), self.keys):
+                    await send_error(send, 401, "Missing or invalid API key.", code="invalid_api_key")
+                    return
+        await self.local(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> Any:
@@ -50,11 +66,15 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         runtime = Runtime()
         runtime.set_phase(Phase.READY)
     engine = engine_for(settings)
+    keys = load_keys(settings.API_KEY.get_secret_value() if settings.API_KEY else None, settings.API_KEY_FILE)
     proxy = ProxyHandler(
         runtime=runtime,
-        sse_keepalive=settings.SSE_KEEPALIVE_INTERVAL,
         max_request_bytes=settings.MAX_REQUEST_BYTES,
-        api_key=settings.API_KEY.get_secret_value() if settings.API_KEY else None,
+        api_keys=keys,
+        admin_key=settings.ADMIN_API_KEY.get_secret_value().encode() if settings.ADMIN_API_KEY else None,
+        media=MediaGuard(settings.media_domains, allow_private=settings.ALLOW_PRIVATE_MEDIA_URLS),
+        sse_keepalive=settings.SSE_KEEPALIVE_INTERVAL,
+        log_prompts=settings.LOG_PROMPTS,
     )
 
     @asynccontextmanager
@@ -157,6 +177,16 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
                 pass
         return Response(own + engine_text, media_type=CONTENT_TYPE_LATEST)
 
-    return RequestContextMiddleware(
-        Dispatcher(api, proxy), runtime, self_headed=lambda path: path not in LOCAL_PATHS
+    app: Any = RequestContextMiddleware(
+        Dispatcher(api, proxy, keys), runtime, self_headed=lambda path: path not in LOCAL_PATHS
     )
+    origins = [o.strip() for o in settings.CORS_ALLOW_ORIGINS.split(",") if o.strip()]
+    if origins:  # off by default; the engine's own CORS headers are always dropped by the proxy
+        app = CORSMiddleware(
+            app,
+            allow_origins=origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["x-request-id"],
+        )
+    return app

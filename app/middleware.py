@@ -47,6 +47,8 @@ class RequestRecord:
     error: str | None = None
     disconnected: bool = False
     """The client hung up before the response was complete (logged as status 499)."""
+    prompt: Any = None
+    """Only with LOG_PROMPTS: the request's prompt, inline media elided."""
 
     @property
     def id_header(self) -> tuple[bytes, bytes]:
@@ -71,6 +73,7 @@ class RequestRecord:
             "modalities": self.modalities,
             "client": self.client,
             "error": self.error,
+            **({"prompt": self.prompt} if self.prompt is not None else {}),
         }
 
 

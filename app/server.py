@@ -6,7 +6,8 @@ a fresh connection that sends nothing, or headers a byte at a time (slowloris), 
 its buffers forever. `GuardedHttpToolsProtocol` gives every request `CLIENT_TIMEOUT` seconds from
 its first byte (or from the connection's opening) to its last body byte: a client still sending
 headers then gets `408` and the connection is closed; one stalled mid-body is disconnected, which
-the app sees as a client hang-up.
+the app sees as a client hang-up. Unparsable requests get an OpenAI-shaped `400` instead of
+uvicorn's plain-text one.
 """
 
 from __future__ import annotations
@@ -20,10 +21,23 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.errors import error_body
 
-_408_BODY = error_body(408, "The request was not received in time.", code="request_timeout")
-_408 = (
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-    b"content-length: %d\r\n\r\n%b" % (len(_408_BODY), _408_BODY)
+
+def _raw_error(status_line: bytes, status: int, message: str, code: str) -> bytes:
+    """A whole HTTP/1.1 error response, OpenAI-shaped, that closes the connection."""
+    body = error_body(status, message, code=code)
+    return (
+        b"HTTP/1.1 %b\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%b"
+        % (
+            status_line,
+            len(body),
+            body,
+        )
+    )
+
+
+_408 = _raw_error(b"408 Request Timeout", 408, "The request was not received in time.", "request_timeout")
+_400 = _raw_error(
+    b"400 Bad Request", 400, "Invalid HTTP request (malformed request line or headers).", "invalid_http"
 )
 
 
@@ -49,6 +63,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         if self._in_headers:
             self.transport.write(_408)
+        self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to unparsable HTTP (e.g. invalid header characters), as OpenAI JSON."""
+        self._disarm()
+        self.transport.write(_400)
         self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]

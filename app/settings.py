@@ -122,7 +122,35 @@ class Settings(BaseSettings):
     HOST: str = Field("0.0.0.0", description="Address the public API binds.")
     PORT: int = Field(8000, ge=1, le=65535, description="Public API port.")
     API_KEY: SecretStr | None = Field(
-        None, description="When set, every `/v1` route needs `Authorization: Bearer <key>`. Never logged."
+        None,
+        description="When set (one key, or several comma-separated), every engine route and `/info` "
+        "need `Authorization: Bearer <key>`; `/health` and `/ping` stay open. Never logged.",
+    )
+    API_KEY_FILE: Path | None = Field(
+        None, description="A file of API keys, one per line (`#` comments), added to API_KEY's."
+    )
+    ADMIN_API_KEY: SecretStr | None = Field(
+        None,
+        description="Unlocks the engine's admin routes (LoRA load/unload, elastic scaling, request "
+        "abort, dev-mode routes; see README). Unset: those routes answer 403.",
+    )
+    ALLOWED_MEDIA_DOMAINS: str = Field(
+        "",
+        description="Comma-separated hostnames media URLs may point to (exact match; also passed "
+        "to vLLM). Empty: any public host.",
+    )
+    ALLOW_PRIVATE_MEDIA_URLS: bool = Field(
+        False,
+        description="Let media URLs reach private, loopback and link-local addresses (refused by "
+        "default: SSRF).",
+    )
+    CORS_ALLOW_ORIGINS: str = Field(
+        "", description="Comma-separated origins browsers may call from (`*` for any). Empty: CORS off."
+    )
+    LOG_PROMPTS: bool = Field(
+        False,
+        description="Add each request's prompt to its log line (inline media elided). Off: "
+        "logs hold no prompts, images or keys.",
     )
     MAX_REQUEST_BYTES: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest request body; larger gets 413."
@@ -173,6 +201,13 @@ class Settings(BaseSettings):
     def _upper(cls, v: object) -> object:
         return v.upper() if isinstance(v, str) else v
 
+    @field_validator("API_KEY_FILE")
+    @classmethod
+    def _readable(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"API_KEY_FILE {v} is not a readable file")
+        return v
+
     @model_validator(mode="after")
     def _require_model(self) -> Settings:
         if self.ENGINE == "external":
@@ -190,6 +225,10 @@ class Settings(BaseSettings):
     def served_model_name(self) -> str:
         """What clients send as `model` (and what the engine is told to answer to)."""
         return self.SERVED_MODEL_NAME or self.MODEL_NAME
+
+    @property
+    def media_domains(self) -> list[str]:
+        return [d.strip() for d in self.ALLOWED_MEDIA_DOMAINS.split(",") if d.strip()]
 
     @property
     def engine_url(self) -> str:

@@ -55,7 +55,11 @@ class FakeEngine:
         if request.path == "/metrics":
             return web.Response(body=METRICS, content_type="text/plain")
         if mode == "hang":
-            await asyncio.sleep(3600)
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:  # the proxy dropped the connection
+                self.closed_early += 1
+                raise
         if mode == "status":
             return web.json_response({"error": {"message": "nope", "type": "BadRequestError"}}, status=400)
         if mode in ("stream", "crash-mid-stream", "endless", "slow-prefill", "stall-mid-stream"):
@@ -83,6 +87,7 @@ class FakeEngine:
             "keep-alive": "timeout=5",
             "connection": "keep-alive, x-hop",
             "x-hop": "dropped",
+            "access-control-allow-origin": "*",  # vLLM's default CORS answer
         }
         return web.json_response(
             {
@@ -102,7 +107,7 @@ class FakeEngine:
     async def _serve(self) -> None:
         app = web.Application(client_max_size=1 << 30)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5, handler_cancellation=True)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", self.port).start()
         self._stop = asyncio.Event()

@@ -96,10 +96,15 @@ class Stack:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        if self.proc is not None:
-            try:  # anything left in the group (an engine that outlived the launcher) goes too
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
+        groups = [self.proc.pid] if self.proc is not None else []
+        try:  # the engine runs in its own process group: a test must never leave it running
+            groups += [r["pid"] for r in self.records() if r.get("event") == "engine started"]
+        except FileNotFoundError:
+            pass
+        for pgid in groups:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
                 pass
         if hasattr(self, "_log"):
             self._log.close()

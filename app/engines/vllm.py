@@ -64,6 +64,8 @@ def build_command(settings, model_path: str, python: str | None = None) -> list[
         argv += ["--limit-mm-per-prompt", json.dumps(limits, separators=(",", ":"))]
     if settings.TRUST_REMOTE_CODE:
         argv.append("--trust-remote-code")
+    if settings.media_domains:  # the proxy checks media URLs too; the engine holds the same line
+        argv += ["--allowed-media-domains", *settings.media_domains]
     return argv + split_extra_args(settings.ENGINE_EXTRA_ARGS)
 
 

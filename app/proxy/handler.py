@@ -12,7 +12,6 @@ disconnect and aborts the generation.
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,6 +25,7 @@ from app.proxy.request_body import inspect_json
 from app.proxy.sse import StreamObserver, usage_counts
 from app.proxy.upstream import Upstream, UpstreamError, UpstreamResponse
 from app.runtime import Phase, Runtime
+from app.security import MediaGuard, MediaRefused, bearer, is_admin_path, matches
 
 # Upstream failure -> (status, OpenAI error code); the one place this mapping lives.
 UPSTREAM_STATUS = {"connect": (502, "engine_unreachable"), "timeout": (504, "engine_timeout")}
@@ -33,6 +33,17 @@ UPSTREAM_STATUS = {"connect": (502, "engine_unreachable"), "timeout": (504, "eng
 # Request headers the proxy does not forward: its own framing and host, and a consumed `expect`.
 _REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 _SSE_HEADERS = [(b"x-accel-buffering", b"no")]
+# CORS is the proxy's to decide (CORS_ALLOW_ORIGINS): the engine's own answer is never passed on.
+_RESPONSE_DROP = frozenset(
+    {
+        b"access-control-allow-origin",
+        b"access-control-allow-credentials",
+        b"access-control-allow-methods",
+        b"access-control-allow-headers",
+        b"access-control-expose-headers",
+        b"access-control-max-age",
+    }
+)
 _MAX_ACCOUNTED_BODY = 4 * 1024 * 1024  # non-stream bodies larger than this are relayed unparsed
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 # A client hang-up is watched for once a request has run this long: quicker ones never pay for it.
@@ -146,13 +157,19 @@ class ProxyHandler:
         *,
         runtime: Runtime,
         max_request_bytes: int,
-        api_key: str | None,
+        api_keys: list[bytes] | None = None,
+        admin_key: bytes | None = None,
+        media: MediaGuard | None = None,
         sse_keepalive: float = 0,
+        log_prompts: bool = False,
     ) -> None:
         self.runtime = runtime
         self.sse_keepalive = sse_keepalive
         self.max_request_bytes = max_request_bytes
-        self._api_key = api_key.encode() if api_key else None
+        self._keys = api_keys or []
+        self._admin_key = admin_key
+        self._media = media or MediaGuard((), allow_private=False)
+        self._log_prompts = log_prompts
         self.upstream: Upstream | None = None  # set in the app's lifespan
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -176,13 +193,26 @@ class ProxyHandler:
                 ctype = value
             elif name == b"authorization":
                 auth = value
-                if self._api_key is not None:
+                if self._keys or self._admin_key is not None:
                     continue  # the proxy consumed the key; the engine has none
             forward.append((name, value))
 
         if connection is not None:  # headers named in Connection are hop-by-hop too (rare)
             forward = filter_headers([(b"connection", connection), *forward])
-        if self._api_key is not None and path.startswith("/v1") and not self._authorized(auth):
+        token = bearer(auth)
+        if is_admin_path(path):
+            if self._admin_key is None or not matches(token, (self._admin_key,)):
+                rec.error = "admin route refused"
+                await self._error(
+                    rec,
+                    send,
+                    403,
+                    f"{path} is an admin route: it needs `Authorization: Bearer <ADMIN_API_KEY>`"
+                    + ("." if self._admin_key else ", and ADMIN_API_KEY is not set on this server."),
+                    code="admin_route",
+                )
+                return
+        elif self._keys and not matches(token, self._keys):
             rec.error = "missing or invalid API key"
             await self._error(
                 rec,
@@ -206,10 +236,13 @@ class ProxyHandler:
             if method in _NO_BODY_METHODS:
                 body = await self._read_body(receive) if length not in (None, b"0") else None
             elif ctype is not None and ctype.startswith(b"application/json"):
-                info = inspect_json(await self._read_body(receive), path)
+                info = inspect_json(await self._read_body(receive), path, self._log_prompts)
                 rec.model, rec.stream, rec.modalities = info.model, info.stream, info.modalities
+                rec.prompt = info.prompt
                 strip_usage = info.strip_usage
                 body = info.body
+                if info.media_urls:
+                    await self._media.check(info.media_urls)
             else:
                 body = StreamedBody(receive, self.max_request_bytes)
         except BodyTooLarge:
@@ -217,6 +250,12 @@ class ProxyHandler:
             return
         except ClientGone:
             rec.disconnected = True
+            return
+        except MediaRefused as exc:
+            rec.error = f"media URL refused: {exc}"
+            await self._error(
+                rec, send, 400, f"Media URL refused: {exc}.", code="media_url_refused", param="messages"
+            )
             return
 
         query = scope.get("query_string")
@@ -279,8 +318,8 @@ class ProxyHandler:
         """Relay status, headers and body; True if the whole body came through."""
         ctype = get_header(resp.headers, b"content-type") or b""
         is_sse = ctype.startswith(b"text/event-stream")
-        drop = {b"content-length"} if is_sse and strip_usage else ()
-        out_headers = filter_headers(resp.headers, frozenset(drop))
+        drop = _RESPONSE_DROP | {b"content-length"} if is_sse and strip_usage else _RESPONSE_DROP
+        out_headers = filter_headers(resp.headers, drop)
         if is_sse:
             out_headers += _SSE_HEADERS
         rec.status = resp.status
@@ -387,10 +426,6 @@ class ProxyHandler:
 
     # --- refusals -----------------------------------------------------------------------------
 
-    def _authorized(self, value: bytes | None) -> bool:
-        scheme, _, token = (value or b"").partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._api_key or b"")
-
     async def _unavailable(self, rec: RequestRecord, send) -> None:
         phase = self.runtime.phase
         if phase is Phase.STARTING:
@@ -422,6 +457,15 @@ class ProxyHandler:
         await self._error(rec, send, status, f"Upstream engine error: {exc}", code=code)
 
     @staticmethod
-    async def _error(rec: RequestRecord, send, status: int, message: str, *, code: str, headers=()) -> None:
+    async def _error(
+        rec: RequestRecord,
+        send,
+        status: int,
+        message: str,
+        *,
+        code: str,
+        headers=(),
+        param: str | None = None,
+    ) -> None:
         rec.status = status
-        await send_error(send, status, message, code=code, headers=[*headers, rec.id_header])
+        await send_error(send, status, message, code=code, param=param, headers=[*headers, rec.id_header])

@@ -8,10 +8,13 @@ it, `StreamObserver` drops that chunk again so the client sees what it would hav
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
+from app.security import media_urls
 
 # Routes whose streams end with an OpenAI usage chunk when `stream_options.include_usage` is set.
 USAGE_STREAM_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
@@ -42,6 +45,10 @@ class RequestInfo:
     """True when the proxy added `include_usage` and must drop the usage chunk again."""
     body: bytes = b""
     """The body to send upstream: the client's bytes, unless usage had to be requested."""
+    media_urls: list[str] = field(default_factory=list)
+    """http(s) URLs the engine would fetch (checked by app.security before it may)."""
+    prompt: Any = None
+    """With LOG_PROMPTS: the prompt for the log, inline media replaced by a size note."""
 
 
 def count_modalities(obj: dict[str, Any]) -> dict[str, int]:
@@ -81,7 +88,27 @@ def count_modalities(obj: dict[str, Any]) -> dict[str, int]:
     return counts
 
 
-def inspect_json(body: bytes, path: str) -> RequestInfo:
+_DATA_URL = re.compile(r"^data:([^;,]*)[^,]*,(.*)$", re.S)
+
+
+def redact(value: Any, limit: int = 2000) -> Any:
+    """A copy fit for a log: inline media (data URLs, base64 audio) as a size note, long text cut."""
+    if isinstance(value, str):
+        match = _DATA_URL.match(value) if value.startswith("data:") else None
+        if match:
+            return f"<{match.group(1) or 'data'}, {len(match.group(2))} bytes inline>"
+        return value if len(value) <= limit else value[:limit] + f"...<{len(value) - limit} more chars>"
+    if isinstance(value, list):
+        return [redact(v, limit) for v in value]
+    if isinstance(value, dict):
+        return {
+            k: (f"<{len(v)} bytes inline>" if k == "data" and isinstance(v, str) else redact(v, limit))
+            for k, v in value.items()
+        }
+    return value
+
+
+def inspect_json(body: bytes, path: str, log_prompts: bool = False) -> RequestInfo:
     """Parse a JSON body once; request the usage chunk where a stream would otherwise lack it.
 
     A body that is not a JSON object is passed on untouched: the engine answers it with its own
@@ -99,6 +126,10 @@ def inspect_json(body: bytes, path: str) -> RequestInfo:
         info.model = model
     info.stream = obj.get("stream") is True
     info.modalities = count_modalities(obj)
+    if b"://" in body:  # only then can there be a URL to fetch (data: URLs need no check)
+        info.media_urls = [u for u in media_urls(obj) if not u.startswith("data:")]
+    if log_prompts:
+        info.prompt = redact({k: obj[k] for k in ("messages", "prompt", "input") if k in obj})
     if info.stream and path in USAGE_STREAM_ROUTES:
         options = obj.get("stream_options")
         if options is None or (isinstance(options, dict) and not options.get("include_usage")):

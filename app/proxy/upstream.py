@@ -348,13 +348,16 @@ class Upstream:
                 if conn is None:
                     conn = await self._connect()
                 head_future = conn.begin()
-                await conn.write(message)
                 try:
+                    await conn.write(message)
                     status = await self._await_head(conn, head_future, head_timeout)
                 except UpstreamError as exc:
                     conn.abort()
                     if reused and exc.kind == "protocol" and not conn.started:
                         continue
+                    raise
+                except BaseException:  # cancelled (the client hung up): the engine must see it too
+                    conn.abort()
                     raise
                 return self._response(conn, status, method, read_timeout)
             raise AssertionError("unreachable")

@@ -33,6 +33,9 @@ def vision_stack(tiny_models, stack_logs):
         MAX_MODEL_LEN="1024",
         IMAGE_LIMIT="2",
         VLLM_MEDIA_FETCH_MAX_RETRIES="1",  # an unreachable image URL fails at once
+        # So that a loopback image URL reaches vLLM and makes it answer 500 (see test_vision);
+        # the SSRF refusal is tested with a proxy of default settings in front of this engine.
+        ALLOW_PRIVATE_MEDIA_URLS="true",
     ).start()
     yield stack
     stack.stop()

@@ -161,6 +161,8 @@ def test_engine_dying_ends_streams_cleanly_and_the_launcher_exits_1(stack_logs, 
     assert "error" in out["lines"][-1] or "exc" in out
     assert stack.wait_exit(30) == 1
     assert any(r.get("event", "").startswith("engine exited") for r in stack.records())
+    with pytest.raises(ProcessLookupError):  # nothing of the engine is left (vLLM's core process)
+        os.killpg(pid, 0)
 
 
 def test_sigterm_while_the_engine_loads_stops_at_once_with_exit_0(stack_logs, tiny_models):

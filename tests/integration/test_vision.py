@@ -116,3 +116,26 @@ def test_after_the_engine_answers_500_the_next_request_is_served(vision_stack):
                 "/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": "x"}]}
             )
             assert ok.status_code == 200, ok.text
+
+
+def test_media_urls_to_internal_addresses_are_refused_before_vllm_fetches_them(vision_stack):
+    """A proxy with default settings in front of the real engine: vLLM itself would fetch these."""
+    from inproc import InProcessProxy
+
+    urls = [
+        f"http://127.0.0.1:{vision_stack.engine_port}/metrics",
+        "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+        "http://localhost\\@example.com/cat.png",
+    ]
+    with InProcessProxy(vision_stack.engine_url, MODEL_NAME=MODEL) as proxy:
+        for url in urls:
+            body = {"model": MODEL, "messages": image_message(url), "max_tokens": 2}
+            r = httpx.post(proxy.url + "/v1/chat/completions", json=body, timeout=30)
+            assert r.status_code == 400, (url, r.text)
+            assert r.json()["error"]["code"] == "media_url_refused"
+        ok = httpx.post(
+            proxy.url + "/v1/chat/completions",
+            json={"model": MODEL, "messages": image_message(png_data_url()), "max_tokens": 2},
+            timeout=30,
+        )
+        assert ok.status_code == 200

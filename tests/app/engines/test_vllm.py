@@ -104,6 +104,7 @@ def test_command_is_accepted_by_vllms_own_argument_parser():
         TRUST_REMOTE_CODE=True,
         MODEL_REVISION="main",
         ENGINE_EXTRA_ARGS="--enforce-eager",
+        ALLOWED_MEDIA_DOMAINS="images.example.com",
     )
     argv = build_command(s, "org/model")
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(flags(argv))
@@ -123,3 +124,15 @@ def test_command_is_accepted_by_vllms_own_argument_parser():
     assert args.revision == "main"
     assert args.enforce_eager is True
     assert args.disable_uvicorn_access_log is True
+    assert args.allowed_media_domains == ["images.example.com"]
+
+
+def test_media_domains_are_passed_to_vllm_and_redirects_are_off_by_default():
+    from app.launcher import engine_env
+
+    s = settings(ALLOWED_MEDIA_DOMAINS="images.example.com, cdn.example.org")
+    argv = build_command(s, "/m")
+    i = argv.index("--allowed-media-domains")
+    assert argv[i + 1 : i + 3] == ["images.example.com", "cdn.example.org"]
+    assert engine_env({})["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "0"
+    assert engine_env({"VLLM_MEDIA_URL_ALLOW_REDIRECTS": "1"})["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "1"

@@ -26,12 +26,12 @@ def proxy(fake):
         yield p
 
 
-def post(proxy, body=None, headers=None, path="/v1/chat/completions", **kw):
+def post(proxy, body=None, headers=None, path="/v1/chat/completions", timeout=10, **kw):
     return httpx.post(
         proxy.url + path,
         json=body if body is not None else {"model": "m"},
         headers=headers or {},
-        timeout=10,
+        timeout=timeout,
         **kw,
     )
 
@@ -304,3 +304,159 @@ def test_a_client_stalling_mid_body_is_disconnected_and_logged(patient, fake):
         assert sock.recv(4096) == b""
     assert patient.logs.request("stall-body")["status"] == 499
     assert len(fake.seen) == n  # nothing reached the engine
+
+
+@pytest.fixture(scope="module")
+def guarded(fake, tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys.write_text("# rotated monthly\nsk-from-file\n")
+    with InProcessProxy(
+        fake.url,
+        API_KEY="sk-one,sk-two",
+        API_KEY_FILE=str(keys),
+        ADMIN_API_KEY="sk-admin",
+        LOG_PROMPTS=True,
+        CORS_ALLOW_ORIGINS="https://app.example.com",
+    ) as p:
+        yield p
+
+
+@pytest.mark.parametrize("key", ["sk-one", "sk-two", "sk-from-file"])
+def test_every_configured_key_works(guarded, key):
+    assert post(guarded, headers={"authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_info_needs_a_key_and_probes_do_not(guarded):
+    assert httpx.get(guarded.url + "/info").status_code == 401
+    assert httpx.get(guarded.url + "/info", headers={"authorization": "Bearer sk-two"}).status_code == 200
+    assert httpx.get(guarded.url + "/health").status_code == 200
+
+
+def test_every_engine_route_needs_a_key_not_only_v1(guarded):
+    r = httpx.post(guarded.url + "/tokenize", json={"prompt": "x"})
+    assert r.status_code == 401
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/load_lora_adapter", "/invocations", "/scale_elastic_ep", "/collective_rpc"]
+)
+def test_admin_routes_need_the_admin_key(guarded, fake, path):
+    n = len(fake.seen)
+    r = httpx.post(guarded.url + path, json={}, headers={"authorization": "Bearer sk-one"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_route"
+    assert len(fake.seen) == n
+    r = httpx.post(guarded.url + path, json={}, headers={"authorization": "Bearer sk-admin"})
+    assert r.status_code == 200 and fake.seen[-1].path == path
+    assert "Authorization" not in fake.seen[-1].headers
+
+
+def test_admin_routes_are_refused_outright_without_an_admin_key(proxy):
+    r = httpx.post(proxy.url + "/v1/unload_lora_adapter", json={"lora_name": "x"})
+    assert r.status_code == 403 and "ADMIN_API_KEY is not set" in r.json()["error"]["message"]
+
+
+def test_cors_is_the_proxys_the_engines_headers_never_pass(proxy, guarded):
+    r = post(proxy, headers={"origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in r.headers  # the fake engine sent `*`: dropped
+    ok = httpx.options(
+        guarded.url + "/v1/chat/completions",
+        headers={
+            "origin": "https://app.example.com",
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization,content-type",
+        },
+    )
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example.com"
+    bad = httpx.options(
+        guarded.url + "/v1/chat/completions",
+        headers={"origin": "https://evil.example", "access-control-request-method": "POST"},
+    )
+    assert "access-control-allow-origin" not in bad.headers
+    r = post(guarded, headers={"authorization": "Bearer sk-one", "origin": "https://app.example.com"})
+    assert r.headers["access-control-allow-origin"] == "https://app.example.com"
+
+
+def test_prompts_are_logged_only_with_log_prompts_and_inline_media_never(proxy, guarded):
+    image = "data:image/png;base64," + "A" * 5000
+    body = {
+        "model": "m",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "describe"},
+                    {"type": "image_url", "image_url": {"url": image}},
+                ],
+            }
+        ],
+    }
+    post(guarded, body, headers={"authorization": "Bearer sk-one", "x-request-id": "prompt-on"})
+    post(proxy, body, headers={"x-request-id": "prompt-off"})
+    logged = guarded.logs.request("prompt-on")["prompt"]["messages"][0]["content"]
+    assert logged[0]["text"] == "describe"
+    assert logged[1]["image_url"]["url"] == "<image/png, 5000 bytes inline>"
+    assert "prompt" not in proxy.logs.request("prompt-off")
+    assert "AAAAAAAA" not in str(guarded.logs.records())
+    assert "sk-one" not in str(guarded.logs.records()) and "sk-admin" not in str(guarded.logs.records())
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://127.0.0.1:8001/metrics",
+        "http://x\\@127.0.0.1/a.png",
+        "http://u:p@example.com/a.png",
+        "file:///etc/passwd",
+    ],
+)
+def test_media_urls_to_private_hosts_or_with_tricks_never_reach_the_engine(proxy, fake, url):
+    n = len(fake.seen)
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}],
+    }
+    r = post(proxy, body, headers={"x-request-id": "ssrf"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "media_url_refused"
+    assert r.json()["error"]["param"] == "messages"
+    assert len(fake.seen) == n
+    assert "169.254" not in r.json()["error"]["message"] or "169.254.169.254" in url  # no resolved IPs leaked
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nx-bad: a\x01b\r\ncontent-length: 2\r\n\r\n{}",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHo st: x\r\n\r\n",
+        b"GARBAGE\r\n\r\n",
+    ],
+)
+def test_unparsable_requests_get_an_openai_shaped_400(proxy, raw):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(raw)
+        sock.settimeout(5)
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head
+    assert orjson.loads(body)["error"]["code"] == "invalid_http"
+
+
+def test_client_hanging_up_before_the_answer_starts_drops_the_upstream_request(fake):
+    """Fake: an engine that takes forever to answer (vLLM's non-streamed generation, on cue)."""
+    with InProcessProxy(fake.url) as p:
+        before = fake.closed_early
+        with pytest.raises(httpx.ReadTimeout):
+            post(
+                p,
+                headers={"x-fake": "hang", "x-request-id": "early-hangup"},
+                timeout=httpx.Timeout(5, read=0.5),
+            )
+        deadline = time.monotonic() + 5
+        while fake.closed_early == before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert fake.closed_early == before + 1
+        assert p.logs.request("early-hangup")["status"] == 499

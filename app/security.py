@@ -1,0 +1,220 @@
+"""Who may call what, and which media URLs the engine may be asked to fetch.
+
+- API keys: one or several (`API_KEY`, comma-separated, and/or `API_KEY_FILE`, one per line),
+  compared in constant time against every configured key.
+- Admin routes: engine endpoints that change or expose the server rather than answer a request
+  (LoRA loading, elastic scaling, aborting other requests, dev-mode routes...). Refused unless the
+  request carries `ADMIN_API_KEY`.
+- Media URLs (SSRF): every `http(s)` URL in a request's content parts is checked before the engine
+  sees it: no userinfo, no backslash or control characters (the parser-differential tricks of
+  GHSA-v359-jj2v-j536 / CVE-2026-24779), only `ALLOWED_MEDIA_DOMAINS` when set, and never a host that
+  resolves to a private, loopback, link-local or otherwise non-public address unless
+  `ALLOW_PRIVATE_MEDIA_URLS`. The engine is also told not to follow redirects and gets the same
+  domain allow-list, so a check here cannot be walked around there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import re
+import socket
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+# Engine routes that are not for API clients. Exact paths, then prefixes.
+ADMIN_PATHS = frozenset(
+    {
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+        "/invocations",
+        "/scale_elastic_ep",
+        "/is_scaling_elastic_ep",
+        "/inference/v1/abort_requests",
+        "/kv_event_sources",
+        # vLLM's dev-mode routes (VLLM_SERVER_DEV_MODE=1)
+        "/reset_prefix_cache",
+        "/reset_mm_cache",
+        "/reset_encoder_cache",
+        "/sleep",
+        "/wake_up",
+        "/is_sleeping",
+        "/collective_rpc",
+        "/pause",
+        "/resume",
+        "/is_paused",
+        "/server_info",
+        "/start_profile",
+        "/stop_profile",
+        "/update_weights",
+        "/get_world_size",
+    }
+)
+ADMIN_PREFIXES = ("/init_weight_transfer", "/update_weights", "/v1/lora")
+
+
+def is_admin_path(path: str) -> bool:
+    return path in ADMIN_PATHS or path.startswith(ADMIN_PREFIXES)
+
+
+# --- keys -----------------------------------------------------------------------------------------
+
+
+def load_keys(inline: str | None, file: Path | None) -> list[bytes]:
+    """Keys from `API_KEY` (comma-separated) and `API_KEY_FILE` (one per line, `#` comments)."""
+    keys = [k.strip() for k in (inline or "").split(",") if k.strip()]
+    if file is not None:
+        try:
+            text = file.read_text()
+        except OSError as exc:
+            raise ValueError(f"API_KEY_FILE {file} cannot be read: {exc.strerror}") from exc
+        keys += [
+            line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
+        ]
+    return [k.encode() for k in keys]
+
+
+def bearer(value: bytes | None) -> bytes | None:
+    scheme, _, token = (value or b"").partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" and token.strip() else None
+
+
+def matches(token: bytes | None, keys: Iterable[bytes]) -> bool:
+    """Constant time per key, and every key is compared (no early exit that would time which)."""
+    if token is None:
+        return False
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(token, key)
+    return found
+
+
+# --- media URLs -------------------------------------------------------------------------------------
+
+_URL_PART_TYPES = frozenset(
+    {"image_url", "video_url", "audio_url", "input_image", "input_video", "input_audio_url"}
+)
+_FORBIDDEN = re.compile(r"[\x00-\x20\x7f\\]")
+
+
+def media_urls(obj: dict[str, Any]) -> list[str]:
+    """Every URL a request asks the engine to fetch (chat content parts, Responses API input)."""
+    found: list[str] = []
+
+    def part(p: Any) -> None:
+        if not isinstance(p, dict):
+            return
+        if p.get("type") in _URL_PART_TYPES:
+            for key in ("image_url", "video_url", "audio_url", "url"):
+                value = p.get(key)
+                if isinstance(value, dict):
+                    value = value.get("url")
+                if isinstance(value, str):
+                    found.append(value)
+                    break
+        elif isinstance(p.get("content"), list):
+            for inner in p["content"]:
+                part(inner)
+
+    for key in ("messages", "input"):
+        items = obj.get(key)
+        if isinstance(items, list):
+            for message in items:
+                if isinstance(message, dict) and isinstance(message.get("content"), list):
+                    for p in message["content"]:
+                        part(p)
+                else:
+                    part(message)
+    return found
+
+
+class MediaRefused(Exception):
+    """A media URL the engine must not fetch; the message is safe to show the client."""
+
+
+def _public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified)
+
+
+def parse_media_url(url: str, allowed_domains: frozenset[str]) -> str | None:
+    """The host to resolve for an http(s) URL, None for inline data; raises MediaRefused."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "data":
+        return None
+    if scheme not in ("http", "https"):
+        raise MediaRefused(f"media URL scheme {scheme!r} is not allowed (http, https or data)")
+    rest = url.split(":", 1)[1] if ":" in url else ""
+    authority = rest[2:].split("/", 1)[0].split("?", 1)[0].split("#", 1)[0] if rest.startswith("//") else ""
+    if _FORBIDDEN.search(url.split("?", 1)[0].split("#", 1)[0]) or _FORBIDDEN.search(authority):
+        raise MediaRefused("media URL contains a backslash, space or control character")
+    if "@" in authority:
+        raise MediaRefused("media URL with credentials (user@host) is not allowed")
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").rstrip(".").lower()
+        _ = parts.port  # a malformed port raises ValueError
+    except ValueError as exc:
+        raise MediaRefused(f"malformed media URL: {exc}") from None
+    if not host:
+        raise MediaRefused("media URL has no host")
+    if allowed_domains and host not in allowed_domains:
+        raise MediaRefused(f"media URL host {host!r} is not in ALLOWED_MEDIA_DOMAINS")
+    return host
+
+
+class MediaGuard:
+    """Checks media URLs; resolves hosts (cached briefly) to refuse non-public addresses."""
+
+    CACHE_SECONDS = 30.0
+
+    def __init__(self, allowed_domains: Iterable[str], allow_private: bool) -> None:
+        self.allowed_domains = frozenset(d.strip().rstrip(".").lower() for d in allowed_domains if d.strip())
+        self.allow_private = allow_private
+        self._cache: dict[str, tuple[float, str | None]] = {}
+
+    async def check(self, urls: list[str]) -> None:
+        for url in urls:
+            host = parse_media_url(url, self.allowed_domains)
+            if host is None or self.allow_private:
+                continue
+            problem = await self._host_problem(host)
+            if problem:
+                raise MediaRefused(problem)
+
+    async def _host_problem(self, host: str) -> str | None:
+        now = time.monotonic()
+        cached = self._cache.get(host)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        problem = await self._resolve(host)
+        if len(self._cache) > 1024:
+            self._cache.clear()
+        self._cache[host] = (now + self.CACHE_SECONDS, problem)
+        return problem
+
+    @staticmethod
+    async def _resolve(host: str) -> str | None:
+        try:
+            literal = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            literal = None
+        if literal is not None:
+            addresses = [literal]
+        else:
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+            except (socket.gaierror, UnicodeError):
+                return f"media URL host {host!r} cannot be resolved"
+            addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+        if not addresses or not all(_public(a) for a in addresses):
+            return (
+                f"media URL host {host!r} is not a public address (set ALLOW_PRIVATE_MEDIA_URLS "
+                "to allow private, loopback and link-local hosts)"
+            )
+        return None
