@@ -22,7 +22,7 @@ PROXY_5XX_CODES = {
 }
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**63), 2**63), st.floats(allow_nan=False), st.text(max_size=40)
+    st.none(), st.booleans(), st.integers(-(2**63), 2**63), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40)
 )
 json_values = st.recursive(
     scalars,
@@ -59,7 +59,7 @@ chat_bodies = st.fixed_dictionaries(
         "max_tokens": st.one_of(st.integers(-5, 10), st.integers(10**6, 10**12), json_values),
         "stream": st.one_of(st.booleans(), json_values),
         "stream_options": st.one_of(st.fixed_dictionaries({"include_usage": json_values}), json_values),
-        "temperature": st.one_of(st.floats(-5, 5), json_values),
+        "temperature": st.one_of(st.floats(-5, 5, allow_nan=False), json_values),
         "n": st.one_of(st.integers(-2, 3), json_values),
         "logprobs": json_values,
         "stop": json_values,

@@ -56,7 +56,7 @@ def _request(kind: str) -> tuple[dict | bytes, int, bool]:
         return {"model": MODEL, "messages": image, "max_tokens": 3}, 200, False
     if kind == "hangup":
         return (
-            {"model": MODEL, "messages": text, "max_tokens": 400, "ignore_eos": True, "stream": True},
+            {"model": MODEL, "messages": text, "max_tokens": 1000, "ignore_eos": True, "stream": True},
             499,
             True,
         )
