@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -148,17 +149,16 @@ class Worker:
 
     def wait_ready(self) -> int | None:
         """None once the API answers /health 200; the stack's exit code if it exited first."""
-        import httpx
-
         assert self.child is not None
         while True:
             code = self.child.poll()
             if code is not None:
                 return code
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return None
-            except httpx.HTTPError:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return None
+            except OSError:  # refused while the proxy starts; HTTPError (503) while the engine loads
                 pass
             time.sleep(POLL_INTERVAL)
 
