@@ -54,6 +54,10 @@ integration: models
 lint: venv
 	$(PY) -m ruff check app scripts tests bench test_api.py client_example.py
 	$(PY) scripts/settings_docs.py --check
+	$(VENV)/bin/hadolint Dockerfile Dockerfile.trtllm
+	$(VENV)/bin/shellcheck --external-sources build_and_push.sh scripts/*.sh .ci/run
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml docker-compose.trtllm.yml
+	$(VENV)/bin/check-jsonschema --schemafile deploy/runpod/template.schema.json deploy/runpod/*-template.json
 
 docs: venv
 	$(PY) scripts/settings_docs.py
