@@ -24,6 +24,7 @@ How it differs from vLLM, and what the proxy does about it:
 from __future__ import annotations
 
 import json
+import re
 
 from app.engines.base import Engine, split_extra_args
 
@@ -51,6 +52,7 @@ OWN_OPTIONS_FLAGS = ("--extra_llm_api_options", "--config")
 # Engine metric families that would clash with the proxy's, or that only describe its HTTP layer.
 DROPPED_FAMILIES = (b"python_", b"process_", b"http_")
 METRICS_PREFIX = b"trtllm_"
+_METRIC_NAME = re.compile(rb"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 
 def options_path(settings) -> str:
@@ -151,8 +153,8 @@ class TrtllmEngine(Engine):
                 keep.append(b" ".join(parts))
                 continue
             name = _metric_name(line)
-            if name.startswith(DROPPED_FAMILIES):
-                continue
+            if not _METRIC_NAME.fullmatch(name) or name.startswith(DROPPED_FAMILIES):
+                continue  # not Prometheus text (a release serving JSON there), or a clashing family
             keep.append(line if name.startswith(METRICS_PREFIX) else METRICS_PREFIX + line)
         out = b"".join(keep)
         return out if not out or out.endswith(b"\n") else out + b"\n"

@@ -189,3 +189,46 @@ def test_engine_metrics_are_kept_under_one_prefix_without_the_families_that_woul
     assert new.endswith(b"\n")  # appended after other text, the last sample must end its line
     assert set(families(new)) == {"trtllm_num_requests_running", "trtllm_kv_cache_utilization"}
     assert TRTLLM.select_metrics(b"") == b""
+    assert TRTLLM.select_metrics(b'[{"iter": 1}]') == b""  # JSON iteration stats are not relayed
+
+
+def test_the_proxy_in_front_of_a_trtllm_serve_stand_in_serves_one_scrape_and_its_health():
+    """A stand-in for trtllm-serve's HTTP surface (health with an empty body, Prometheus text on
+    /prometheus/metrics, JSON on /metrics): the proxy's /metrics and /health read the right paths."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import httpx
+
+    from inproc import InProcessProxy
+
+    paths = {
+        "/health": (b"", "text/plain"),
+        "/prometheus/metrics": (UNPREFIXED, "text/plain"),
+        "/metrics": (b"[]", "application/json"),
+    }
+
+    class TrtllmServe(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body, ctype = paths.get(self.path, (b'{"detail":"Not Found"}', "application/json"))
+            self.send_response(200 if self.path in paths else 404)
+            self.send_header("content-type", ctype)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), TrtllmServe)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with InProcessProxy(f"http://127.0.0.1:{server.server_address[1]}", ENGINE="trtllm") as proxy:
+            assert httpx.get(proxy.url + "/health").status_code == 200
+            text = httpx.get(proxy.url + "/metrics").text
+            names = set(families(text.encode()))
+            assert {"trtllm_request_success", "trtllm_e2e_request_latency_seconds"} <= names
+            assert any(n.startswith("vllm_api_") for n in names)  # the proxy's own come first
+            assert not any(n.startswith("http_") for n in names)
+    finally:
+        server.shutdown()
