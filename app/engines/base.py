@@ -21,6 +21,12 @@ class Engine:
     metrics_path: str = "/metrics"
     version_path: str | None = "/version"
     metrics_prefix: bytes = b"vllm:"
+    config_files: Callable[..., dict[str, str]] | None = None
+    """(settings) -> {path: text}: files the launcher writes before it starts the engine (for
+    options an engine takes only from a file). Pure, like build_command."""
+    unmapped: Callable[..., list[str]] | None = None
+    """(settings) -> the settings that are set but that this engine has no equivalent for: the
+    launcher names them once at start-up instead of dropping them silently."""
 
     def select_metrics(self, text: bytes) -> bytes:
         """The engine's own metric families from its exposition text (its process_* and python_*

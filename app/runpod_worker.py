@@ -1,0 +1,243 @@
+"""RUNPOD_MODE=queue: the image as a RunPod queue-based Serverless worker.
+
+    scripts/start.sh (RUNPOD_MODE=queue) -> python -m app.runpod_worker
+        child:  python -m app.launcher, HOST=127.0.0.1: engine + proxy, exactly as in the other modes
+        here:   runpod.serverless.start(handler): each job's OpenAI request goes to that proxy, so
+                request logs, metrics, auth and limits apply to jobs as to HTTP clients
+
+A job's input names the route and the request body, in either of two shapes:
+
+    {"route": "/v1/chat/completions", "body": {...}}                  (this project's; "method" optional)
+    {"openai_route": "/v1/chat/completions", "openai_input": {...}}   (RunPod's OpenAI-compatible
+                                                                       endpoint, as worker-vllm takes it)
+
+Output: the API's JSON response. With `"stream": true` in the body, the job streams: each item is a
+string of one or more complete SSE events exactly as the API sent them (`data: {...}\\n\\n`, the last
+`data: [DONE]\\n\\n`), which is what RunPod's OpenAI-compatible endpoint relays; concatenated, the
+items are the API's event stream (`return_aggregate_stream` gives the list to /run and /runsync).
+Events are batched by what has arrived when RunPod takes the next item. An error answer (4xx/5xx)
+is yielded as the API's JSON (`{"error": {...}}`), which RunPod reports as the job's error.
+
+Local test without RunPod: `python -m app.runpod_worker --rp_serve_api --rp_api_port 8010` serves
+the SDK's development API (`POST /runsync {"input": {...}}`) once the engine is ready. (The SDK's
+`--test_input` mode does not iterate generator handlers, so it cannot run this one.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+from pydantic import ValidationError
+
+from app.logs import configure_logging, get_logger
+from app.security import load_keys
+from app.settings import Settings
+
+log = get_logger("app.runpod_worker")
+
+POLL_INTERVAL = 0.5
+STOP_GRACE = 45.0  # beyond DRAIN_TIMEOUT: the launcher then stops the engine (up to 30 s)
+
+
+class JobError(ValueError):
+    """A job whose input cannot be forwarded; the message is what RunPod shows."""
+
+
+def parse_job(job_input: Any) -> tuple[str, str, dict | None]:
+    """(method, route, body) of a job's input, in either accepted shape."""
+    if not isinstance(job_input, dict):
+        raise JobError(
+            "job input must be an object with `route` and `body` (or `openai_route` and `openai_input`)"
+        )
+    if "openai_route" in job_input:
+        route, body = job_input.get("openai_route"), job_input.get("openai_input")
+    else:
+        route, body = job_input.get("route"), job_input.get("body")
+    if not isinstance(route, str) or not route.startswith("/") or "://" in route:
+        raise JobError(f"job input needs a route, an API path such as /v1/chat/completions, not {route!r}")
+    if body is not None and not isinstance(body, dict):
+        raise JobError("the request body must be a JSON object")
+    method = str(job_input.get("method") or ("POST" if body is not None else "GET")).upper()
+    if method not in ("GET", "POST", "DELETE"):
+        raise JobError(f"unsupported method {method!r}")
+    return method, route, body
+
+
+def split_events(buffer: bytes) -> tuple[bytes, bytes]:
+    """(complete SSE events, rest) of what has arrived so far."""
+    end = max(buffer.rfind(b"\n\n"), buffer.rfind(b"\r\n\r\n"))
+    if end == -1:
+        return b"", buffer
+    cut = end + (4 if buffer[end : end + 4] == b"\r\n\r\n" else 2)
+    return buffer[:cut], buffer[cut:]
+
+
+def _error(message: str, status: int = 400) -> dict:
+    return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": status}}
+
+
+def make_handler(base_url: str, api_key: str | None = None, read_timeout: float = 600.0):
+    """The job handler: an async generator forwarding each job to the API at `base_url`."""
+    base_url = base_url.rstrip("/")
+    pool: list[aiohttp.ClientSession] = []
+
+    def session() -> aiohttp.ClientSession:
+        """One pooled session for every job, made on the SDK's event loop at the first job."""
+        if not pool or pool[0].closed:
+            timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=read_timeout + 30)
+            pool[:] = [aiohttp.ClientSession(timeout=timeout, auto_decompress=False)]
+        return pool[0]
+
+    async def handler(job: dict) -> AsyncIterator[Any]:
+        try:
+            method, route, body = parse_job(job.get("input"))
+        except JobError as exc:
+            yield _error(str(exc))
+            return
+        headers = {"x-request-id": str(job.get("id") or "")[:128] or "runpod-job"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        stream = bool(body and body.get("stream"))
+        async with session().request(
+            method,
+            base_url + route,
+            data=orjson.dumps(body) if body is not None else None,
+            headers={**headers, "content-type": "application/json"} if body is not None else headers,
+        ) as resp:
+            is_sse = resp.headers.get("content-type", "").startswith("text/event-stream")
+            if not (stream and is_sse and resp.status == 200):
+                raw = await resp.read()
+                try:
+                    yield orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    text = raw.decode("utf-8", "replace")
+                    yield _error(text, resp.status) if resp.status >= 400 else text
+                return
+            pending = b""
+            while True:
+                chunk = await resp.content.readany()
+                if not chunk:
+                    break
+                events, pending = split_events(pending + chunk)
+                if events:
+                    yield events.decode("utf-8", "replace")
+            if pending.strip():
+                yield pending.decode("utf-8", "replace")
+
+    return handler
+
+
+class Worker:
+    """The stack as a child process, and the RunPod SDK's job loop in front of it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.url = f"http://127.0.0.1:{settings.PORT}"
+        self.child: subprocess.Popen | None = None
+        self.stopping = False
+
+    def start_stack(self) -> None:
+        env = {**os.environ, "HOST": "127.0.0.1", "RUNPOD_MODE": "http"}
+        env.pop("PORT_HEALTH", None)  # no load balancer polls a queue worker
+        self.child = subprocess.Popen([sys.executable, "-m", "app.launcher"], env=env)
+        log.info("stack started", pid=self.child.pid, url=self.url)
+
+    def wait_ready(self) -> int | None:
+        """None once the API answers /health 200; the stack's exit code if it exited first."""
+        assert self.child is not None
+        while True:
+            code = self.child.poll()
+            if code is not None:
+                return code
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return None
+            except OSError:  # refused while the proxy starts; HTTPError (503) while the engine loads
+                pass
+            time.sleep(POLL_INTERVAL)
+
+    def stop_stack(self) -> int:
+        self.stopping = True
+        child = self.child
+        if child is None or child.poll() is not None:
+            return 0 if child is None else child.returncode
+        child.send_signal(signal.SIGTERM)  # the launcher drains, then stops the engine
+        try:
+            return child.wait(self.settings.DRAIN_TIMEOUT + STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            return child.wait()
+
+    def _watch(self) -> None:
+        """The stack exiting while jobs are being taken ends the worker: RunPod replaces it."""
+        assert self.child is not None
+        code = self.child.wait()
+        if not self.stopping:
+            log.error("the stack exited; stopping the worker", exit_code=code)
+            os._exit(code or 1)
+
+    def _on_signal_while_starting(self, signum: int, _frame: Any) -> None:
+        log.info("signal received while starting: stopping", signal=signal.Signals(signum).name)
+        sys.exit(0 if self.stop_stack() in (0, -signal.SIGTERM) else 1)
+
+    def run(self) -> int:
+        import runpod
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal_while_starting)
+        self.start_stack()
+        try:
+            code = self.wait_ready()
+            if code is not None:
+                log.error("the stack exited during start-up", exit_code=code)
+                return code or 1
+            threading.Thread(target=self._watch, name="stack-watch", daemon=True).start()
+            s = self.settings
+            log.info("taking jobs", max_concurrency=s.RUNPOD_MAX_CONCURRENCY)
+            runpod.serverless.start(
+                {
+                    "handler": make_handler(
+                        self.url,
+                        api_key=next(
+                            iter(
+                                load_keys(s.API_KEY.get_secret_value() if s.API_KEY else None, s.API_KEY_FILE)
+                            ),
+                            b"",
+                        ).decode()
+                        or None,
+                        read_timeout=s.UPSTREAM_FIRST_BYTE_TIMEOUT,
+                    ),
+                    "concurrency_modifier": lambda _current: s.RUNPOD_MAX_CONCURRENCY,
+                    "return_aggregate_stream": True,
+                }
+            )
+            return 0
+        finally:
+            self.stop_stack()
+
+
+def main() -> int:
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "settings"
+            print(f"invalid setting {where}: {err['msg']}", file=sys.stderr)
+        return 2
+    configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
+    return Worker(settings).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

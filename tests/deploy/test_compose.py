@@ -1,0 +1,84 @@
+"""docker-compose.yml (and the TensorRT-LLM override) against the compose spec, then what this
+project needs of it: GPU reservation, profiles, monitoring wiring, pinned images."""
+
+import re
+
+import pytest
+import yaml
+from deploy_tools import ROOT, run, tool
+
+from app.settings import ENV_NAMES
+
+COMPOSE = ROOT / "docker-compose.yml"
+TRTLLM = ROOT / "docker-compose.trtllm.yml"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_compose_files_are_valid_against_the_compose_spec():
+    result = run(
+        tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE), str(TRTLLM)
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_compose_spec_check_refuses_a_broken_file(tmp_path):
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE.read_text().replace("restart: unless-stopped", "restart: [sometimes]", 1))
+    result = run(tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(broken))
+    assert result.returncode != 0
+
+
+def test_the_gpu_service_is_the_default_and_has_what_a_gpu_box_needs(compose):
+    api = compose["services"]["vllm-api"]
+    assert "profiles" not in api  # `docker compose up` starts it
+    devices = api["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "${GPU_COUNT:-all}", "capabilities": ["gpu"]}]
+    assert api["env_file"] == [{"path": ".env", "required": False}]
+    assert api["volumes"] == ["hf-cache:/data"] and "hf-cache" in compose["volumes"]
+    assert api["healthcheck"]["test"] == ["CMD", "python3", "/app/scripts/healthcheck.py"]
+    assert api["restart"] == "unless-stopped"
+    assert (
+        api["build"]["target"] == "vllm"
+        and api["build"]["args"]["VLLM_VERSION"] == "${VLLM_VERSION:-v0.32.0}"
+    )
+
+
+def test_the_cpu_profile_needs_no_gpu_and_answers_to_the_name_prometheus_scrapes(compose):
+    cpu = compose["services"]["vllm-api-cpu"]
+    assert cpu["profiles"] == ["cpu"]
+    assert "deploy" not in cpu
+    assert cpu["build"]["target"] == "cpu"
+    assert cpu["networks"]["default"]["aliases"] == ["vllm-api"]
+    assert set(cpu.get("environment", {})) <= set(ENV_NAMES)
+
+
+def test_the_monitoring_profile_mounts_the_observability_files(compose):
+    prom, graf = compose["services"]["prometheus"], compose["services"]["grafana"]
+    assert prom["profiles"] == graf["profiles"] == ["monitoring"]
+    assert "./monitoring/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prom["volumes"]
+    assert "./monitoring/grafana/provisioning:/etc/grafana/provisioning:ro" in graf["volumes"]
+    assert "./monitoring/grafana/dashboards:/var/lib/grafana/dashboards:ro" in graf["volumes"]
+
+
+def test_every_image_is_pinned_to_an_explicit_tag(compose):
+    for name, service in compose["services"].items():
+        image = service["image"]
+        tag = image.rsplit(":", 1)[-1] if ":" in image.split("/")[-1] else ""
+        assert tag and "latest" not in tag, (name, image)
+    assert re.fullmatch(r"prom/prometheus:v\d+\.\d+\.\d+", compose["services"]["prometheus"]["image"])
+    assert re.fullmatch(r"grafana/grafana:\d+\.\d+\.\d+", compose["services"]["grafana"]["image"])
+
+
+def test_the_trtllm_override_swaps_the_image_of_the_same_service():
+    override = yaml.safe_load(TRTLLM.read_text())
+    api = override["services"]["vllm-api"]
+    assert api["build"]["dockerfile"] == "Dockerfile.trtllm" and api["build"]["target"] == "trtllm"
+    assert api["image"].endswith("-trtllm")
+    # Each build target a compose file names exists in its Dockerfile.
+    assert re.search(r"^FROM \S+ AS trtllm$", (ROOT / "Dockerfile.trtllm").read_text(), re.M)
+    for target in ("vllm", "cpu"):
+        assert re.search(rf"^FROM \S+ AS {target}$", (ROOT / "Dockerfile").read_text(), re.M)
