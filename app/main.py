@@ -14,11 +14,11 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app import __version__, metrics
+from app import __version__, dashboard, metrics
 from app.engines import engine_for
 from app.middleware import RequestContextMiddleware
 from app.proxy.handler import ProxyHandler
@@ -26,7 +26,8 @@ from app.proxy.upstream import Upstream, UpstreamError
 from app.runtime import Phase, Runtime
 from app.settings import Settings
 
-LOCAL_PATHS = frozenset({"/health", "/ping", "/info", "/metrics"})
+LOCAL_PATHS = frozenset({"/health", "/ping", "/info", "/metrics"}) | dashboard.PATHS
+LOCAL_PREFIX = dashboard.PREFIX
 HEALTH_TIMEOUT = 5.0
 
 
@@ -36,7 +37,11 @@ class Dispatcher:
         self.proxy = proxy
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] not in LOCAL_PATHS:
+        if (
+            scope["type"] == "http"
+            and scope["path"] not in LOCAL_PATHS
+            and not scope["path"].startswith(LOCAL_PREFIX)
+        ):
             await self.proxy(scope, receive, send)
         else:
             await self.local(scope, receive, send)
@@ -81,6 +86,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     )
     api.state.settings = settings
     api.state.runtime = runtime
+    metrics_key = settings.METRICS_API_KEY.get_secret_value() if settings.METRICS_API_KEY else None
 
     async def engine_check() -> tuple[bool, str]:
         """(healthy, detail): the launcher's view of the engine, then the engine's own /health."""
@@ -142,8 +148,10 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         }
 
     @api.get("/metrics")
-    async def metrics_endpoint() -> Response:
+    async def metrics_endpoint(request: Request) -> Response:
         """The proxy's metrics, then the engine's own `vllm:*` families: one scrape per replica."""
+        if not dashboard.authorized(request, metrics_key):
+            return dashboard.unauthorized()
         own = generate_latest(metrics.REGISTRY)
         engine_text = b""
         if runtime.phase in (Phase.READY, Phase.DRAINING) and proxy.upstream is not None:
@@ -155,4 +163,5 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
                 pass
         return Response(own + engine_text, media_type=CONTENT_TYPE_LATEST)
 
+    dashboard.register(api, settings, runtime, engine, proxy)
     return RequestContextMiddleware(Dispatcher(api, proxy), runtime)
