@@ -79,3 +79,76 @@ def check_device(device: str, report: GpuReport) -> str | None:
             "(and the NVIDIA Container Toolkit), or set DEVICE=cpu for a CPU build of the engine."
         )
     return None
+
+
+class GpuCollector:
+    """Prometheus collector of per-GPU gauges read from NVML at each scrape: memory used and
+    total, utilization, temperature, power. Yields nothing where NVML has no GPU (CPU machines).
+
+    NVML is initialised once, at the first scrape; a query a GPU does not support (power on some
+    boards) leaves that one gauge out for that GPU.
+    """
+
+    def __init__(self, prefix: str, nvml: Any = None) -> None:
+        self.prefix = prefix
+        self._nvml = nvml
+        self._handles: list[tuple[str, str, Any]] | None = None  # (index, name, handle)
+
+    def describe(self) -> list:
+        return []  # no collect() at registration time: NVML is touched at the first scrape
+
+    def _gpus(self) -> list[tuple[str, str, Any]]:
+        if self._handles is None:
+            self._handles = []
+            try:
+                nvml = self._nvml
+                if nvml is None:
+                    import pynvml as nvml
+
+                    self._nvml = nvml
+                nvml.nvmlInit()
+                for i in range(nvml.nvmlDeviceGetCount()):
+                    handle = nvml.nvmlDeviceGetHandleByIndex(i)
+                    self._handles.append((str(i), _text(nvml.nvmlDeviceGetName(handle)), handle))
+            except Exception:  # no driver, no library: a CPU machine
+                self._handles = []
+        return self._handles
+
+    def collect(self) -> list:
+        from prometheus_client.core import GaugeMetricFamily
+
+        gpus = self._gpus()
+        if not gpus:
+            return []
+        nvml, p, labels = self._nvml, self.prefix, ["gpu", "name"]
+        families = {
+            "used": GaugeMetricFamily(
+                f"{p}_gpu_memory_used_bytes", "GPU memory in use (NVML).", labels=labels
+            ),
+            "total": GaugeMetricFamily(
+                f"{p}_gpu_memory_total_bytes", "GPU memory in all (NVML).", labels=labels
+            ),
+            "util": GaugeMetricFamily(
+                f"{p}_gpu_utilization_ratio",
+                "Fraction of the last sample period a kernel ran on the GPU (NVML), 0 to 1.",
+                labels=labels,
+            ),
+            "temp": GaugeMetricFamily(
+                f"{p}_gpu_temperature_celsius", "GPU core temperature (NVML).", labels=labels
+            ),
+            "power": GaugeMetricFamily(f"{p}_gpu_power_watts", "GPU power draw (NVML).", labels=labels),
+        }
+        readers = {
+            "used": lambda h: nvml.nvmlDeviceGetMemoryInfo(h).used,
+            "total": lambda h: nvml.nvmlDeviceGetMemoryInfo(h).total,
+            "util": lambda h: nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100,
+            "temp": lambda h: nvml.nvmlDeviceGetTemperature(h, 0),  # NVML_TEMPERATURE_GPU
+            "power": lambda h: nvml.nvmlDeviceGetPowerUsage(h) / 1000,  # milliwatts
+        }
+        for index, name, handle in gpus:
+            for key, read in readers.items():
+                try:
+                    families[key].add_metric([index, name], float(read(handle)))
+                except Exception:  # not supported on this GPU, or the GPU fell off the bus
+                    pass
+        return list(families.values())

@@ -447,7 +447,13 @@ def main() -> int:
             where = ".".join(str(p) for p in err["loc"]) or "settings"
             print(f"invalid setting {where}: {err['msg']}", file=sys.stderr)
         return 2
-    configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
+    configure_logging(
+        settings.LOG_LEVEL,
+        settings.LOG_FORMAT,
+        log_file=settings.LOG_FILE,
+        log_file_max_bytes=int(settings.LOG_FILE_MAX_MB * 2**20),
+        log_file_backups=settings.LOG_FILE_BACKUPS,
+    )
     return _run_loop(Launcher(settings).run())
 
 

@@ -1,14 +1,22 @@
 """Logging: JSON lines on stdout (console rendering only on a TTY), for our code and for the
-libraries that log through the standard library (uvicorn, aiohttp, huggingface_hub)."""
+libraries that log through the standard library (uvicorn, huggingface_hub); with LOG_FILE, every
+record also as a JSON line in a file rotated by size.
+
+Lines are written by a `LineWriter`: those produced during one event-loop iteration leave in one
+write (a busy proxy writes hundreds of request lines a second; a syscall each is a measurable cost).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import atexit
 import logging
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -25,15 +33,61 @@ def _orjson_dumps(obj: Any, **_: Any) -> str:
     return orjson.dumps(obj, default=str).decode()
 
 
-class LineWriter:
-    """structlog's logger: lines written during one event-loop iteration leave in one write (a
-    busy proxy writes hundreds of request lines a second; one syscall each is a measurable cost).
-    Outside a running loop, or from another thread, a line is written at once."""
+class JsonlFile:
+    """JSON lines appended to a file, rotated by size (`LOG_FILE.1` is the newest of `backups` old
+    files). Usable as a structlog processor (console mode: the record is also rendered for people)
+    or written to directly with whole lines (JSON mode)."""
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, path: str | Path, max_bytes: int, backups: int) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "ab")  # noqa: SIM115 - open for the life of the process
+        self._size = self._file.tell()
+
+    def __call__(self, _logger: Any, _method: str, event_dict: Any) -> Any:
+        self.write(orjson.dumps(event_dict, default=str) + b"\n")
+        return event_dict
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            if self._size and self._size + len(data) > self.max_bytes:
+                self._rotate()
+            self._file.write(data)
+            self._file.flush()
+            self._size += len(data)
+
+    def _rotate(self) -> None:
+        self._file.close()
+        if self.backups > 0:
+            for i in range(self.backups - 1, 0, -1):
+                older = self.path.with_name(f"{self.path.name}.{i}")
+                if older.exists():
+                    os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+            self._file = open(self.path, "ab")  # noqa: SIM115
+        else:
+            self._file = open(self.path, "wb")  # noqa: SIM115 - no backups: start the file again
+        self._size = 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+class LineWriter:
+    """structlog's logger (and the standard library's, through `_LineHandler`): whole lines, batched
+    per event-loop iteration, to the stream and, if given, to a JSONL file. Outside a running loop,
+    or from another thread, a line is written at once."""
+
+    def __init__(self, stream: Any, tee: JsonlFile | None = None) -> None:
         self._stream = stream
+        self._tee = tee
         self._pending: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
         atexit.register(self.flush)
 
     def msg(self, message: str) -> None:
@@ -42,8 +96,7 @@ class LineWriter:
         except RuntimeError:
             loop = None
         if loop is None:
-            self._stream.write(message + "\n")
-            self._stream.flush()
+            self._write(message + "\n")
             return
         self._pending.append(message)
         if self._loop is not loop:
@@ -56,8 +109,28 @@ class LineWriter:
         self._loop = None
         if self._pending:
             lines, self._pending = self._pending, []
-            self._stream.write("\n".join(lines) + "\n")
+            self._write("\n".join(lines) + "\n")
+
+    def _write(self, text: str) -> None:
+        with self._lock:
+            self._stream.write(text)
             self._stream.flush()
+        if self._tee is not None:
+            self._tee.write(text.encode())
+
+
+class _LineHandler(logging.Handler):
+    """The standard library's records, formatted by structlog, through the same writer."""
+
+    def __init__(self, writer: LineWriter) -> None:
+        super().__init__()
+        self._writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._writer.msg(self.format(record))
+        except Exception:
+            self.handleError(record)
 
 
 def use_console(fmt: str, stream: Any = None) -> bool:
@@ -67,18 +140,28 @@ def use_console(fmt: str, stream: Any = None) -> bool:
     return fmt == "console"
 
 
-def configure_logging(level: str = "INFO", fmt: str = "auto", stream: Any = None) -> None:
-    """Configure structlog and the standard library's root logger to write to `stream`
-    (stdout by default)."""
+def configure_logging(
+    level: str = "INFO",
+    fmt: str = "auto",
+    stream: Any = None,
+    log_file: str | Path | None = None,
+    log_file_max_bytes: int = 100 * 2**20,
+    log_file_backups: int = 5,
+) -> None:
+    """Configure structlog and the standard library's root logger to write to `stream` (stdout by
+    default) and, with `log_file`, to that file as JSON lines."""
     stream = stream or sys.stdout
     console = use_console(fmt, stream)
+    jsonl = JsonlFile(log_file, log_file_max_bytes, log_file_backups) if log_file else None
+    # JSON mode: the lines themselves go to the file too. Console mode: the records, as JSON.
+    writer = LineWriter(stream, tee=None if console else jsonl)
+    tee: list[Any] = [jsonl] if (jsonl is not None and console) else []
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=True)
         if console
         else structlog.processors.JSONRenderer(serializer=_orjson_dumps)
     )
     numeric = logging.getLevelNamesMapping()[level]
-    writer = LineWriter(stream)
     global request_line
     if numeric > logging.INFO:
         request_line = _drop
@@ -87,22 +170,19 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", stream: Any = None
     else:
         request_line = _json_line(writer)
     structlog.configure(
-        processors=[
-            *_SHARED,
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*_SHARED, structlog.processors.format_exc_info, *tee, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=_factory(writer),
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(stream)
+    handler = _LineHandler(writer)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*_SHARED, structlog.stdlib.add_logger_name],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
+                *tee,
                 renderer,
             ],
         )

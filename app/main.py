@@ -14,12 +14,12 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.middleware.cors import CORSMiddleware
 
-from app import __version__, metrics
+from app import __version__, dashboard, metrics
 from app.engines import engine_for
 from app.errors import send_error
 from app.middleware import RequestContextMiddleware
@@ -30,7 +30,8 @@ from app.runtime import Phase, Runtime
 from app.security import MediaGuard, bearer, load_keys, matches
 from app.settings import Settings
 
-LOCAL_PATHS = frozenset({"/health", "/ping", "/info", "/metrics"})
+LOCAL_PATHS = frozenset({"/health", "/ping", "/info", "/metrics"}) | dashboard.PATHS
+LOCAL_PREFIX = dashboard.PREFIX
 HEALTH_TIMEOUT = 5.0
 
 
@@ -47,7 +48,7 @@ class Dispatcher:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             path = scope["path"]
-            if path not in LOCAL_PATHS:
+            if path not in LOCAL_PATHS and not path.startswith(LOCAL_PREFIX):
                 await self.proxy(scope, receive, send)
                 return
             if self.keys and path in KEYED_LOCAL_PATHS:
@@ -103,6 +104,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     )
     api.state.settings = settings
     api.state.runtime = runtime
+    metrics_key = settings.METRICS_API_KEY.get_secret_value() if settings.METRICS_API_KEY else None
 
     async def engine_check() -> tuple[bool, str]:
         """(healthy, detail): the launcher's view of the engine, then the engine's own /health."""
@@ -164,8 +166,10 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         }
 
     @api.get("/metrics")
-    async def metrics_endpoint() -> Response:
+    async def metrics_endpoint(request: Request) -> Response:
         """The proxy's metrics, then the engine's own `vllm:*` families: one scrape per replica."""
+        if not dashboard.authorized(request, metrics_key):
+            return dashboard.unauthorized()
         own = generate_latest(metrics.REGISTRY)
         engine_text = b""
         if runtime.phase in (Phase.READY, Phase.DRAINING) and proxy.upstream is not None:
@@ -177,8 +181,11 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
                 pass
         return Response(own + engine_text, media_type=CONTENT_TYPE_LATEST)
 
+    dashboard.register(api, settings, runtime, engine, proxy)
     app: Any = RequestContextMiddleware(
-        Dispatcher(api, proxy, keys), runtime, self_headed=lambda path: path not in LOCAL_PATHS
+        Dispatcher(api, proxy, keys),
+        runtime,
+        self_headed=lambda path: path not in LOCAL_PATHS and not path.startswith(LOCAL_PREFIX),
     )
     origins = [o.strip() for o in settings.CORS_ALLOW_ORIGINS.split(",") if o.strip()]
     if origins:  # off by default; the engine's own CORS headers are always dropped by the proxy

@@ -15,6 +15,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from app.gpu import GpuCollector
 from app.promlite import Counter, Gauge, Histogram
 
 PREFIX = "vllm_api"
@@ -115,3 +116,13 @@ UPSTREAM_ERRORS = Counter(
 
 def route_label(path: str) -> str:
     return path if path in ROUTES else "other"
+
+
+# Labelled counters are exported at zero from the start, so "no errors" reads 0 rather than no data.
+for _kind in ("connect", "timeout", "protocol"):
+    UPSTREAM_ERRORS.labels(_kind)
+
+# Per-GPU gauges from NVML, read at each scrape (none on a machine without an NVIDIA GPU):
+# vllm_api_gpu_{memory_used_bytes,memory_total_bytes,utilization_ratio,temperature_celsius,power_watts}
+GPU = GpuCollector(PREFIX)
+REGISTRY.register(GPU)

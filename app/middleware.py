@@ -22,8 +22,19 @@ from app.proxy.headers import get_header
 from app.runtime import Runtime
 
 RECORD_KEY = "app.record"
-QUIET_PATHS = frozenset({"/health", "/ping", "/metrics", "/favicon.ico"})
-"""Probes and scrapes: no request metrics, and their log line only at DEBUG."""
+QUIET_PATHS = frozenset(
+    {
+        "/health",
+        "/ping",
+        "/metrics",
+        "/favicon.ico",
+        "/dashboard",
+        "/api/v1/live_metrics",
+        "/api/v1/historical_metrics",
+    }
+)
+QUIET_PREFIX = "/api/v1/historical_metrics/"
+"""Probes, scrapes and the dashboard's polling: no request metrics, and their log line only at DEBUG."""
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 
@@ -114,7 +125,7 @@ class RequestContextMiddleware:
         )
         scope[RECORD_KEY] = rec
         structlog.contextvars.bind_contextvars(request_id=rid)
-        quiet = rec.path in QUIET_PATHS
+        quiet = rec.path in QUIET_PATHS or rec.path.startswith(QUIET_PREFIX)
         if not quiet:
             self.runtime.request_started()
             metrics.IN_FLIGHT.inc()

@@ -270,6 +270,38 @@ class Settings(BaseSettings):
             raise ValueError(f"PORT_HEALTH and ENGINE_PORT are both {self.ENGINE_PORT}: pick two ports")
         return self
 
+    # --- Observability -----------------------------------------------------------------------
+    METRICS_API_KEY: SecretStr | None = Field(
+        None,
+        description="When set, `/metrics` and the dashboard's data (`/api/v1/live_metrics`, "
+        "`/api/v1/historical_metrics/*`) need `Authorization: Bearer <key>`. Never logged.",
+    )
+    SCRAPE_INTERVAL: float = Field(
+        10,
+        ge=0,
+        description="Seconds between two readings of the proxy's and the engine's metrics by the "
+        "built-in collector (dashboard history); 0 turns the collector off.",
+    )
+    METRICS_DB_PATH: Path = Field(
+        Path("data/metrics.db"),
+        description="SQLite file of the dashboard's history (relative: from the app's directory); "
+        "mount a volume on its folder to keep history across restarts.",
+    )
+    METRICS_RETENTION_DAYS: float = Field(
+        7, gt=0, description="Days of dashboard history kept (at 10-minute resolution past a day)."
+    )
+    LOG_FILE: Path | None = Field(
+        None,
+        description="Also write every log record as a JSON line to this file, rotated by size "
+        "(for hosts without a log collector).",
+    )
+    LOG_FILE_MAX_MB: float = Field(
+        100, gt=0, description="LOG_FILE: size in MiB at which the file is rotated."
+    )
+    LOG_FILE_BACKUPS: int = Field(
+        5, ge=0, description="LOG_FILE: rotated files kept (`LOG_FILE.1` is the newest)."
+    )
+
 
 ENV_NAMES: tuple[str, ...] = tuple(Settings.model_fields)
 """Every variable Settings reads, in declaration order."""

@@ -63,6 +63,7 @@ class InProcessProxy:
         self.runtime = runtime or Runtime()
         if runtime is None:
             self.runtime.set_phase(Phase.READY)
+        settings.setdefault("SCRAPE_INTERVAL", 0)  # no dashboard history unless a test asks for it
         self.settings = Settings(
             MODEL_NAME=settings.pop("MODEL_NAME", "m"), ENGINE_PORT=engine_port, PORT=self.port, **settings
         )

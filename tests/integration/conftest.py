@@ -18,6 +18,7 @@ def text_stack(tiny_models, stack_logs):
         MAX_MODEL_LEN="4096",
         # The engine logs each request and each abort: the disconnect tests read it.
         ENGINE_EXTRA_ARGS=CPU_ENV["ENGINE_EXTRA_ARGS"] + " --enable-log-requests",
+        SCRAPE_INTERVAL="2",  # the dashboard's history fills while its tests watch
     ).start()
     yield stack
     stack.stop()
