@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.errors import send_error
+
 HEALTH_PATHS = frozenset({"/ping", "/health"})
-_NOT_FOUND = b'{"error":{"message":"only /ping and /health are served on this port","type":"not_found","param":null,"code":404}}'
 
 
 def health_only(app: Any) -> Any:
@@ -20,16 +21,6 @@ def health_only(app: Any) -> Any:
         if scope["path"] in HEALTH_PATHS:
             await app(scope, receive, send)
             return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 404,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(_NOT_FOUND)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": _NOT_FOUND})
+        await send_error(send, 404, "only /ping and /health are served on this port", code="not_found")
 
     return asgi
