@@ -25,6 +25,7 @@ the SDK's development API (`POST /runsync {"input": {...}}`) once the engine is 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -89,14 +90,18 @@ def _error(message: str, status: int = 400) -> dict:
 def make_handler(base_url: str, api_key: str | None = None, read_timeout: float = 600.0):
     """The job handler: an async generator forwarding each job to the API at `base_url`."""
     base_url = base_url.rstrip("/")
-    pool: list[aiohttp.ClientSession] = []
+    sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
 
     def session() -> aiohttp.ClientSession:
-        """One pooled session for every job, made on the SDK's event loop at the first job."""
-        if not pool or pool[0].closed:
+        """One pooled session for all jobs, per event loop (the SDK runs one; tests run several)."""
+        loop = asyncio.get_running_loop()
+        found = sessions.get(loop)
+        if found is None or found.closed:
+            for old in [lp for lp in sessions if lp.is_closed()]:
+                del sessions[old]
             timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=read_timeout + 30)
-            pool[:] = [aiohttp.ClientSession(timeout=timeout, auto_decompress=False)]
-        return pool[0]
+            found = sessions[loop] = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+        return found
 
     async def handler(job: dict) -> AsyncIterator[Any]:
         try:

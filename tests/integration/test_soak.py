@@ -131,7 +131,8 @@ def test_soak_mixed_traffic_loses_nothing_and_keeps_memory_flat(vision_stack):
     wrong = [(rid, kind, expected, got) for rid, (kind, expected, got) in results.items() if expected != got]
     assert not wrong, wrong[:10]
 
-    # Every request was logged exactly once, with the status the client saw (499 for hang-ups).
+    # Every request was logged exactly once, with the status the client saw (499 for hang-ups the
+    # proxy saw happen mid-stream).
     deadline = time.monotonic() + 10
     while True:
         records = [r for r in vision_stack.records() if r.get("event") == "request"]
@@ -141,9 +142,21 @@ def test_soak_mixed_traffic_loses_nothing_and_keeps_memory_flat(vision_stack):
         time.sleep(0.2)
     missing = [rid for rid in results if lines.get(rid, 0) != 1]
     assert not missing, missing[:10]
-    logged = {r["request_id"]: r["status"] for r in records if r["request_id"] in results}
-    mislogged = [(rid, results[rid], status) for rid, status in logged.items() if status != results[rid][2]]
+    logged = {r["request_id"]: r for r in records if r["request_id"] in results}
+
+    def logged_right(rid: str) -> bool:
+        line, status = logged[rid], results[rid][2]
+        if results[rid][0] == "hangup" and line["status"] == 200:
+            # A client starved of CPU may go away only after the proxy sent the whole stream: then
+            # the proxy rightly logs a complete answer.
+            return line["completion_tokens"] == 1000
+        return line["status"] == status
+
+    mislogged = [(rid, results[rid], logged[rid]["status"]) for rid in logged if not logged_right(rid)]
     assert not mislogged, mislogged[:10]
+    hangups = [rid for rid in logged if results[rid][0] == "hangup"]
+    noticed = sum(logged[rid]["status"] == 499 for rid in hangups)
+    assert noticed >= 0.8 * len(hangups), (noticed, len(hangups))
 
     health = httpx.get(vision_stack.url + "/health").json()
     assert health["status"] == "ready" and health["in_flight"] == 0
