@@ -23,19 +23,17 @@ import sys
 from collections.abc import Awaitable
 from typing import Any
 
-from pydantic import ValidationError
-
 from app import gpu
 from app.engines import engine_for
 from app.engines.base import mask_secrets
 from app.health_port import health_only
-from app.logs import configure_logging, get_logger, use_console
+from app.logs import configure_from, get_logger, use_console
 from app.main import create_app
 from app.model import ModelError, resolve_model
 from app.proxy.upstream import Upstream, UpstreamError
 from app.runtime import Phase, Runtime
 from app.server import ProxyServer, server_config
-from app.settings import Settings
+from app.settings import Settings, load_settings
 
 log = get_logger("app.launcher")
 
@@ -440,20 +438,10 @@ def _run_loop(coro: Awaitable[int]) -> int:
 
 def main() -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # huggingface_hub reads it at import
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "settings"
-            print(f"invalid setting {where}: {err['msg']}", file=sys.stderr)
+    settings = load_settings()
+    if settings is None:
         return 2
-    configure_logging(
-        settings.LOG_LEVEL,
-        settings.LOG_FORMAT,
-        log_file=settings.LOG_FILE,
-        log_file_max_bytes=int(settings.LOG_FILE_MAX_MB * 2**20),
-        log_file_backups=settings.LOG_FILE_BACKUPS,
-    )
+    configure_from(settings)
     return _run_loop(Launcher(settings).run())
 
 

@@ -196,6 +196,17 @@ def configure_logging(
     logging.getLogger("uvicorn.access").disabled = True  # the proxy writes its own request line
 
 
+def configure_from(settings: Any) -> None:
+    """configure_logging() as the settings say (launcher and RunPod worker alike)."""
+    configure_logging(
+        settings.LOG_LEVEL,
+        settings.LOG_FORMAT,
+        log_file=settings.LOG_FILE,
+        log_file_max_bytes=int(settings.LOG_FILE_MAX_MB * 2**20),
+        log_file_backups=settings.LOG_FILE_BACKUPS,
+    )
+
+
 def _iso_now(_cache: list = [0, ""]) -> str:  # noqa: B006 - the cache is the point
     """structlog's ISO UTC timestamp, with the date-time part formatted once a second."""
     now = time.time()

@@ -38,11 +38,10 @@ from typing import Any
 
 import aiohttp
 import orjson
-from pydantic import ValidationError
 
-from app.logs import configure_logging, get_logger
+from app.logs import configure_from, get_logger
 from app.security import load_keys
-from app.settings import Settings
+from app.settings import Settings, load_settings
 
 log = get_logger("app.runpod_worker")
 
@@ -233,14 +232,10 @@ class Worker:
 
 
 def main() -> int:
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "settings"
-            print(f"invalid setting {where}: {err['msg']}", file=sys.stderr)
+    settings = load_settings()
+    if settings is None:
         return 2
-    configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
+    configure_from(settings)
     return Worker(settings).run()
 
 

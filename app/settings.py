@@ -7,11 +7,12 @@ against this class by ``tests/app/test_settings.py``. An empty value (``MAX_MODE
 
 from __future__ import annotations
 
+import sys
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -301,6 +302,18 @@ class Settings(BaseSettings):
     LOG_FILE_BACKUPS: int = Field(
         5, ge=0, description="LOG_FILE: rotated files kept (`LOG_FILE.1` is the newest)."
     )
+
+
+def load_settings() -> Settings | None:
+    """Settings from the environment; on invalid values, one line per problem on stderr and None
+    (the caller exits 2)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "settings"
+            print(f"invalid setting {where}: {err['msg']}", file=sys.stderr)
+        return None
 
 
 ENV_NAMES: tuple[str, ...] = tuple(Settings.model_fields)

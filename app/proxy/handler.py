@@ -245,11 +245,8 @@ class ProxyHandler:
                     await self._media.check(info.media_urls)
             else:
                 body = StreamedBody(receive, self.max_request_bytes)
-        except BodyTooLarge:
-            await self._too_large(rec, send)
-            return
-        except ClientGone:
-            rec.disconnected = True
+        except (BodyTooLarge, ClientGone) as exc:
+            await self._body_failed(exc, rec, send)
             return
         except MediaRefused as exc:
             rec.error = f"media URL refused: {exc}"
@@ -288,11 +285,8 @@ class ProxyHandler:
             except UpstreamError as exc:
                 await self._upstream_failed(rec, send, exc)
                 return
-            except BodyTooLarge:
-                await self._too_large(rec, send)
-                return
-            except ClientGone:
-                rec.disconnected = True
+            except (BodyTooLarge, ClientGone) as exc:  # raised by a streamed body as it was sent
+                await self._body_failed(exc, rec, send)
                 return
             if watch is None:
                 watch = _HangupWatch(receive, rec)
@@ -449,6 +443,12 @@ class ProxyHandler:
             code="request_too_large",
             headers=[(b"connection", b"close")],
         )
+
+    async def _body_failed(self, exc: Exception, rec: RequestRecord, send) -> None:
+        if isinstance(exc, BodyTooLarge):
+            await self._too_large(rec, send)
+        else:  # ClientGone: nobody to answer
+            rec.disconnected = True
 
     async def _upstream_failed(self, rec: RequestRecord, send, exc: UpstreamError) -> None:
         metrics.UPSTREAM_ERRORS.labels(exc.kind).inc()
