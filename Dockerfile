@@ -58,7 +58,8 @@ ENV DEVICE=cpu \
     SERVED_MODEL_NAME=tiny-vision \
     MAX_MODEL_LEN=2048 \
     IMAGE_LIMIT=2 \
-    HF_HOME=/data/huggingface
+    HF_HOME=/data/huggingface \
+    METRICS_DB_PATH=/data/metrics/metrics.db
 
 USER 10001
 VOLUME ["/data"]
@@ -76,7 +77,8 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     HOME=/home/app \
-    HF_HOME=/data/huggingface
+    HF_HOME=/data/huggingface \
+    METRICS_DB_PATH=/data/metrics/metrics.db
 WORKDIR /app
 
 COPY requirements.txt ./
