@@ -328,9 +328,14 @@ class ProxyHandler:
         keepalive = _Keepalive(send, self.sse_keepalive) if self.sse_keepalive > 0 else None
         tail = b""
         complete = False
+        read = resp.reader()
+        last = b""
         try:
-            async for chunk in resp.chunks():
+            while chunk := await read():
                 out = observer.feed(chunk)
+                if resp.at_end:  # the stream's last bytes: they leave with the end of the response
+                    last = out
+                    break
                 if out:
                     if keepalive is not None:
                         keepalive.sent += 1
@@ -353,11 +358,12 @@ class ProxyHandler:
         finally:
             if keepalive is not None:
                 await keepalive.close()
+            rest = observer.finish()  # also reads the stream's last events: usage, error
             rec.ttft_s = observer.ttft_s
             rec.prompt_tokens, rec.completion_tokens = observer.prompt_tokens, observer.completion_tokens
             rec.error = rec.error or observer.error
         watch.done = True
-        await send({"type": "http.response.body", "body": observer.finish() + tail})
+        await send({"type": "http.response.body", "body": last + rest + tail})
         return complete
 
     async def _relay_body(self, resp: UpstreamResponse, send, rec, watch) -> bool:

@@ -1,8 +1,8 @@
 """Measuring a Server-Sent Events stream while relaying it byte for byte.
 
-The hot path is one `rfind` for the event boundary and one `in` test per upstream read. JSON is
-parsed only for the first events (until the first generated token, for TTFT) and for the event that
-carries `usage`; every other event leaves as it arrived.
+JSON is parsed only for the first events (until the first generated token, for TTFT) and for the
+events that carry `usage` or an `error`; every other event leaves as it arrived, and most reads are
+not even searched (see StreamObserver).
 
 When the proxy itself requested the usage chunk (see `request_body.inspect_json`), it drops that
 chunk here. vLLM moves `system_fingerprint` from the finishing chunks onto the usage chunk when
@@ -14,6 +14,7 @@ no time.
 
 from __future__ import annotations
 
+import collections
 import time
 from typing import Any
 
@@ -119,12 +120,20 @@ def _error_message(obj: Any) -> str | None:
 
 
 class StreamObserver:
-    """Feed it upstream reads in order; send what it returns. Then call `finish()`."""
+    """Feed it upstream reads in order; send what it returns. Then call `finish()`.
+
+    Per read, after the first token, the common case costs two constant-time checks and one
+    substring search: engines write whole events, so a read that ends with a blank line needs no
+    framing; `usage` and mid-stream `error` events come at the end of a stream, so they are looked
+    for once, in the last few reads, when it ends. Only a stream whose usage chunk the proxy must
+    remove is watched per read, for its finishing event.
+    """
 
     __slots__ = (
         "_buf",
         "_held",
         "_start",
+        "_recent",
         "strip_usage",
         "ttft_s",
         "prompt_tokens",
@@ -132,10 +141,13 @@ class StreamObserver:
         "error",
     )
 
+    TAIL_READS = 4  # reads kept to look for the usage and error events when the stream ends
+
     def __init__(self, start: float, strip_usage: bool = False) -> None:
         self._start = start
         self._buf = b""
         self._held: list[bytes] | None = None
+        self._recent: collections.deque[bytes] = collections.deque(maxlen=self.TAIL_READS)
         self.strip_usage = strip_usage
         self.ttft_s: float | None = None
         self.prompt_tokens: int | None = None
@@ -144,43 +156,45 @@ class StreamObserver:
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._buf + chunk if self._buf else chunk
-        end = max(data.rfind(b"\n\n"), data.rfind(b"\n\r\n"))
-        if end < 0:
-            self._buf = data
-            return b""
-        end += 2 if data[end + 1 : end + 2] == b"\n" else 3
-        if end == len(data):
+        if data.endswith(b"\n\n"):  # the usual read: whole events
             block, self._buf = data, b""
         else:
-            block, self._buf = data[:end], data[end:]
-        return self._block(block)
+            end = max(data.rfind(b"\n\n"), data.rfind(b"\n\r\n"))
+            if end < 0:
+                self._buf = data
+                return b""
+            end += 2 if data[end + 1 : end + 2] == b"\n" else 3
+            block, self._buf = (data, b"") if end == len(data) else (data[:end], data[end:])
+        if self.ttft_s is None:
+            self._first_token(block)
+        if self.strip_usage and (self._held is not None or _FINISHED in block or _USAGE in block):
+            block = self._strip(block)
+        self._recent.append(block)
+        return block
 
     def finish(self) -> bytes:
-        """Whatever is still buffered or held (a stream cut short, a last event without a
-        blank line)."""
+        """Whatever is still buffered or held (a stream cut short, a last event without a blank
+        line); and what the stream's last events say (usage, error)."""
         out = b"".join(self._held) if self._held else b""
         self._held = None
         out += self._buf
         self._buf = b""
+        self._recent.append(out)
+        tail = b"".join(self._recent)
+        self._recent.clear()
+        if self.completion_tokens is None and _USAGE in tail:
+            self._usage(_data(_event_at(tail, tail.rfind(_USAGE))))
+        if self.error is None and _ERROR in tail:
+            self.error = _error_message(_data(_event_at(tail, tail.rfind(_ERROR))))
         return out
 
-    def _block(self, block: bytes) -> bytes:
-        """Measure a block of whole events; what to send on. Only the events that carry a marker
-        are parsed: a block of many events (a fast engine) costs a few substring searches."""
-        if self.ttft_s is None:
-            self._first_token(block)
-        if self.error is None and _ERROR in block:
-            self.error = _error_message(_data(_event_at(block, block.find(_ERROR))))
-        if self.strip_usage and (self._held is not None or _FINISHED in block or _USAGE in block):
-            # From the first finishing event on, event by event: hold, strip, restore.
-            if self._held is not None:
-                return self._events(block)
-            marks = [i for i in (block.find(_FINISHED), block.find(_USAGE)) if i >= 0]
-            cut = _event_start(block, min(marks))
-            return block[:cut] + self._events(block[cut:])
-        if _USAGE in block:
-            self._usage(_data(_event_at(block, block.rfind(_USAGE))))
-        return block
+    def _strip(self, block: bytes) -> bytes:
+        """From the first finishing event on, event by event: hold, strip, restore."""
+        if self._held is not None:
+            return self._events(block)
+        marks = [i for i in (block.find(_FINISHED), block.find(_USAGE)) if i >= 0]
+        cut = _event_start(block, min(marks))
+        return block[:cut] + self._events(block[cut:])
 
     def _first_token(self, block: bytes) -> None:
         start = 0

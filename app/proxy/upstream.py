@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import ssl
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -57,6 +58,9 @@ class _Connection(asyncio.Protocol):
         self._chunks: collections.deque[bytes] = collections.deque()
         self._queued = 0
         self._waiter: asyncio.Future | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._idle_timeout = 0.0
+        self._last_data = 0.0
         self._complete = False
         self._error: UpstreamError | None = None
         self._reading_paused = False
@@ -71,6 +75,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.started = True
+        self._last_data = self._loop.time()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -111,11 +116,30 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._complete = True
+        self._disarm()
         if not self._parser.should_keep_alive():
             self.closed = True
         self._wake()
 
     # --- used by Upstream / UpstreamResponse --------------------------------------------------
+
+    def _check_idle(self) -> None:
+        """One timer per response, not one per read: it fires at the idle deadline and, if bytes
+        came in meanwhile, re-arms for the new one (a token stream reads thousands of times)."""
+        self._watchdog = None
+        if self._complete or self._error is not None or self.closed:
+            return
+        deadline = self._last_data + self._idle_timeout
+        if self._loop.time() < deadline:
+            self._watchdog = self._loop.call_at(deadline, self._check_idle)
+            return
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(UpstreamError("timeout", "the engine did not answer in time"))
+
+    def _disarm(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -137,6 +161,8 @@ class _Connection(asyncio.Protocol):
         self._complete = False
         self._error = None
         self.started = False
+        self._disarm()
+        self._last_data = self._loop.time()
         self._head = self._loop.create_future()
         return self._head
 
@@ -148,18 +174,20 @@ class _Connection(asyncio.Protocol):
             await self._drain
 
     async def read(self, timeout: float) -> bytes:
-        """The next body bytes, b"" at the end; raises UpstreamError."""
+        """The next body bytes, b"" at the end; raises UpstreamError after `timeout` seconds
+        without a byte from the engine."""
         while not self._chunks:
             if self._error is not None:
                 raise self._error
             if self._complete:
                 return b""
-            self._waiter = self._loop.create_future()
-            timer = self._loop.call_later(timeout, _expire, self._waiter)
+            self._waiter = waiter = self._loop.create_future()
+            if self._watchdog is None:
+                self._idle_timeout = timeout
+                self._watchdog = self._loop.call_at(self._last_data + timeout, self._check_idle)
             try:
-                await self._waiter
+                await waiter
             finally:
-                timer.cancel()
                 self._waiter = None
         if len(self._chunks) == 1:
             chunk = self._chunks.popleft()
@@ -178,6 +206,7 @@ class _Connection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.closed = True
+        self._disarm()
         if self.transport is not None:
             self.transport.abort()
 
@@ -206,12 +235,9 @@ class UpstreamResponse:
         """Nothing more to read: the whole body has been handed out."""
         return self._conn._complete and not self._conn._chunks
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """Body bytes as they arrive; raises UpstreamError when the engine fails mid-body."""
-        read = self._conn.read
-        timeout = self._read_timeout
-        while chunk := await read(timeout):
-            yield chunk
+    def reader(self) -> Callable[[], Awaitable[bytes]]:
+        """`read` without the wrapping call, for the per-token loop of a stream."""
+        return functools.partial(self._conn.read, self._read_timeout)
 
     async def body(self) -> bytes:
         parts = []
