@@ -123,7 +123,8 @@ from bench.harness import (  # noqa: E402
 
 NGINX_PORT, SLOW_PORT, NGINX_PROXY_PORT = 19200, 19201, 19202
 ROUTER_PORT, ROUTER_METRICS_PORT, THIS_PROXY_PORT = 19203, 19204, 19205
-E2E_ENGINE_PORT, E2E_PROXY_PORT = 19206, 19207
+E2E_ENGINE_PORT, E2E_PROXY_PORT, E2E_NGINX_PORT = 19206, 19207, 19208
+E2E_VIAS = ("direct", "nginx-proxy", "this-proxy")
 
 CONTENDERS = ("direct", "nginx-proxy", "vllm-router", "this-proxy")
 BASELINE = "vllm-router"
@@ -466,22 +467,26 @@ def run_e2e(procs: Processes, tmp: Path, args: argparse.Namespace) -> dict:
     proxy_env = this_proxy_env(tmp, "e2e-proxy", E2E_PROXY_PORT, E2E_ENGINE_PORT)
     proxy_argv = ["taskset", "-c", "0,1", str(REPO / "scripts" / "start.sh")]
     proxy = procs.start("e2e-proxy", proxy_argv, E2E_PROXY_PORT, proxy_env, timeout=60, ready_path="/health")
+    # nginx in front of the same engine: the floor any proxy pays on this machine.
+    nginx_conf = proxy_nginx_config(tmp / "e2e", E2E_NGINX_PORT, E2E_ENGINE_PORT)
+    nginx = procs.start("e2e-nginx", nginx_argv(nginx_conf, "0,1"), E2E_NGINX_PORT)
+    front = {
+        "direct": (E2E_ENGINE_PORT, None),
+        "nginx-proxy": (E2E_NGINX_PORT, nginx),
+        "this-proxy": (E2E_PROXY_PORT, proxy),
+    }
     try:
         log("e2e: warm-up run (direct, discarded) ...")
         bench_serve(E2E_ENGINE_PORT, "e2e-warmup", tmp, args, max(16, args.e2e_prompts // 4))
         runs = []
         for round_ in range(args.e2e_rounds):
-            for via, port in (("direct", E2E_ENGINE_PORT), ("this-proxy", E2E_PROXY_PORT)):
-                cpu = {
-                    name: cpu_seconds(process_tree(p.pid))
-                    for name, p in (("engine", engine), ("proxy", proxy))
-                }
+            for via in E2E_VIAS:
+                port, front_proc = front[via]
+                watched = {"engine": engine, **({"proxy": front_proc} if front_proc else {})}
+                cpu = {name: cpu_seconds(process_tree(p.pid)) for name, p in watched.items()}
                 raw = bench_serve(port, f"e2e-{via}-{round_}", tmp, args, args.e2e_prompts)
-                run = {"via": via, "round": round_, **{k: raw.get(k) for k in E2E_KEYS}}
-                for name, p in (
-                    ("engine", engine),
-                    ("proxy", proxy),
-                ):  # the run's CPU, idle start-up included
+                run = {"via": via, "round": round_, **{k: raw.get(k) for k in E2E_KEYS}, "proxy_cpu_s": 0.0}
+                for name, p in watched.items():  # the run's CPU, idle start-up included
                     run[f"{name}_cpu_s"] = cpu_seconds(process_tree(p.pid)) - cpu[name]
                 runs.append(run)
                 log(
@@ -490,6 +495,7 @@ def run_e2e(procs: Processes, tmp: Path, args: argparse.Namespace) -> dict:
                     f"failed {run['failed']}"
                 )
     finally:
+        procs.stop(nginx)
         procs.stop(proxy)
         procs.stop(engine)
 
@@ -497,16 +503,17 @@ def run_e2e(procs: Processes, tmp: Path, args: argparse.Namespace) -> dict:
         return statistics.fmean(r[key] for r in runs if r["via"] == via)
 
     summary = {
-        key: {"direct": mean("direct", key), "this-proxy": mean("this-proxy", key)}
+        key: {via: mean(via, key) for via in E2E_VIAS}
         for key in ("output_throughput", "median_ttft_ms", "median_tpot_ms")
     }
     for key, value in summary.items():
-        value["ratio"] = value["this-proxy"] / value["direct"]
-        # Each proxy run over the direct run just before it: adjacent runs share the machine's drift.
         by_round = {(r["round"], r["via"]): r[key] for r in runs}
-        value["pair_ratios"] = [
-            by_round[(i, "this-proxy")] / by_round[(i, "direct")] for i in range(args.e2e_rounds)
-        ]
+        for via, suffix in (("this-proxy", ""), ("nginx-proxy", "_nginx")):
+            value["ratio" + suffix] = value[via] / value["direct"]
+            # Each run over the direct run of its round: runs of a round share the machine's drift.
+            value["pair_ratios" + suffix] = [
+                by_round[(i, via)] / by_round[(i, "direct")] for i in range(args.e2e_rounds)
+            ]
     return {"runs": runs, "summary": summary}
 
 
@@ -647,15 +654,17 @@ def e2e_table(e2e: dict) -> str:
         for r in e2e["runs"]
     ]  # fmt: skip
     s = e2e["summary"]
-    rows.append([
-        "mean", "proxy / direct", f"{s['output_throughput']['ratio']:.3f}×", f"{s['median_ttft_ms']['ratio']:.3f}×",
-        "", "", f"{s['median_tpot_ms']['ratio']:.3f}×", "", "", "", "", "",
-    ])  # fmt: skip
-    rows.append([
-        "pairs", "proxy / direct", *(" ".join(f"{r:.2f}" for r in s[k]["pair_ratios"])
-                                     for k in ("output_throughput", "median_ttft_ms")),
-        "", "", " ".join(f"{r:.2f}" for r in s["median_tpot_ms"]["pair_ratios"]), "", "", "", "", "",
-    ])  # fmt: skip
+    for via, suffix in (("this-proxy", ""), ("nginx-proxy", "_nginx")):
+        rows.append([
+            "mean", f"{via} / direct", f"{s['output_throughput']['ratio' + suffix]:.3f}×",
+            f"{s['median_ttft_ms']['ratio' + suffix]:.3f}×", "", "", f"{s['median_tpot_ms']['ratio' + suffix]:.3f}×",
+            "", "", "", "", "",
+        ])  # fmt: skip
+        rows.append([
+            "pairs", f"{via} / direct", *(" ".join(f"{r:.2f}" for r in s[k]["pair_ratios" + suffix])
+                                          for k in ("output_throughput", "median_ttft_ms")),
+            "", "", " ".join(f"{r:.2f}" for r in s["median_tpot_ms"]["pair_ratios" + suffix]), "", "", "", "", "",
+        ])  # fmt: skip
     return markdown_table(header, rows, align="llrrrrrrrrrr")
 
 
