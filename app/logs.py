@@ -42,7 +42,9 @@ class JsonlFile:
         self.path = Path(path)
         self.max_bytes = max_bytes
         self.backups = backups
-        self._lock = threading.Lock()
+        # Re-entrant: a garbage-collector finalizer that logs (asyncio's "Task was destroyed but it
+        # is pending!") can run on this thread in the middle of a write; a plain lock deadlocks it.
+        self._lock = threading.RLock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "ab")  # noqa: SIM115 - open for the life of the process
         self._size = self._file.tell()
@@ -79,36 +81,49 @@ class JsonlFile:
 
 class LineWriter:
     """structlog's logger (and the standard library's, through `_LineHandler`): whole lines, batched
-    per event-loop iteration, to the stream and, if given, to a JSONL file. Outside a running loop,
-    or from another thread, a line is written at once."""
+    per event-loop iteration, to the stream and, if given, to a JSONL file. Outside a running loop
+    a line is written at once. Each thread batches on its own (tests run several servers in
+    threads of one process)."""
 
     def __init__(self, stream: Any, tee: JsonlFile | None = None) -> None:
         self._stream = stream
         self._tee = tee
-        self._pending: list[str] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._lock = threading.Lock()
+        self._local = threading.local()
+        # Re-entrant, as in JsonlFile: a finalizer that logs can run during a write on this thread.
+        self._lock = threading.RLock()
         atexit.register(self.flush)
+
+    def _state(self) -> Any:
+        local = self._local
+        if not hasattr(local, "pending"):
+            local.pending = []
+            local.loop = None
+        return local
 
     def msg(self, message: str) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
+        state = self._state()
         if loop is None:
+            if state.pending:  # lines a loop of this thread closed before flushing keep their place
+                self.flush()
             self._write(message + "\n")
             return
-        self._pending.append(message)
-        if self._loop is not loop:
-            self._loop = loop
+        state.pending.append(message)
+        if state.loop is not loop:
+            state.loop = loop
             loop.call_soon(self.flush)
 
     log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
 
     def flush(self) -> None:
-        self._loop = None
-        if self._pending:
-            lines, self._pending = self._pending, []
+        """Write this thread's batched lines now."""
+        state = self._state()
+        state.loop = None
+        if state.pending:
+            lines, state.pending = state.pending, []
             self._write("\n".join(lines) + "\n")
 
     def _write(self, text: str) -> None:

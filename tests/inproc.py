@@ -29,7 +29,7 @@ class LogSink(io.TextIOBase):
 
     def __init__(self) -> None:
         self._lines: list[str] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a finalizer that logs can re-enter a write (see app/logs.py)
 
     def write(self, s: str) -> int:
         with self._lock:
