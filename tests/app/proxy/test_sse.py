@@ -95,6 +95,26 @@ def test_error_event_is_recorded():
     assert observer.error == "boom"
 
 
+@pytest.mark.parametrize("crlf", [False, True])
+def test_usage_and_error_are_found_at_the_end_of_a_long_stream_read_in_one_piece(crlf):
+    """Both are looked for from the stream's end (a search of every byte cost a tenth of the
+    proxy's CPU); a long stream arriving in one read is the case where that matters most."""
+    tokens = b"".join(chunk({"content": f"t{i}"}) for i in range(500))
+    error = b'data: {"error": {"message": "boom", "type": "InternalServerError"}}\n\n'
+    for tail, field, expected in (
+        (chunk(choices=False, usage=USAGE) + DONE, "completion_tokens", 5),
+        (error + DONE, "error", "boom"),
+        (error, "error", "boom"),
+        (DONE, "error", None),
+    ):
+        stream = tokens + tail
+        if crlf:
+            stream = stream.replace(b"\n\n", b"\r\n\r\n")
+        observer = StreamObserver(0.0)
+        assert relay(observer, [stream]) == stream
+        assert getattr(observer, field) == expected, tail
+
+
 def test_crlf_framed_events_are_relayed_without_waiting_for_the_end():
     observer = StreamObserver(0.0)
     event = b'data: {"choices":[{"delta":{"content":"x"}}]}\r\n\r\n'
