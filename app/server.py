@@ -41,6 +41,11 @@ _400 = _raw_error(
 )
 
 
+# Where an app may put a callable for the server to call if the client's connection is lost before
+# the response is complete (the request's scope holds the key, None, when the server offers it).
+HANGUP_HOOK = "app.hangup_hook"
+
+
 class _HeadersWithBody:
     """The client socket, as uvicorn sees it: a response's headers are held back until its first
     body bytes, or the end of the event-loop iteration, and leave with them in one `send` (uvicorn
@@ -128,6 +133,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_headers = False
         self.transport.hold_next = True  # type: ignore[attr-defined]
         super().on_headers_complete()
+        self.scope[HANGUP_HOOK] = None  # the task just created has not run yet
 
     def on_message_complete(self) -> None:
         self._disarm()
@@ -139,6 +145,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and (hook := cycle.scope.get(HANGUP_HOOK)):
+            hook()
         super().connection_lost(exc)
 
 

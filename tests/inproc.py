@@ -56,7 +56,11 @@ configure_logging("DEBUG", "json", stream=LOGS)
 
 
 class InProcessProxy:
-    def __init__(self, upstream_url: str, runtime: Runtime | None = None, **settings: Any) -> None:
+    def __init__(
+        self, upstream_url: str, runtime: Runtime | None = None, plain_uvicorn: bool = False, **settings: Any
+    ) -> None:
+        """`plain_uvicorn`: serve with uvicorn's own protocol instead of the proxy's (app/server.py),
+        as `create_app()` is served when mounted elsewhere."""
         engine_port = urlparse(upstream_url).port
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -70,6 +74,8 @@ class InProcessProxy:
         config = server_config(
             create_app(self.settings, self.runtime), "127.0.0.1", self.port, self.settings.CLIENT_TIMEOUT
         )
+        if plain_uvicorn:
+            config.http = "httptools"
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.logs = LOGS

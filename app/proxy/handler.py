@@ -26,6 +26,7 @@ from app.proxy.sse import StreamObserver, usage_counts
 from app.proxy.upstream import Upstream, UpstreamError, UpstreamResponse
 from app.runtime import Phase, Runtime
 from app.security import MediaGuard, MediaRefused, bearer, is_admin_path, matches
+from app.server import HANGUP_HOOK
 
 # Upstream failure -> (status, OpenAI error code); the one place this mapping lives.
 UPSTREAM_STATUS = {"connect": (502, "engine_unreachable"), "timeout": (504, "engine_timeout")}
@@ -46,7 +47,8 @@ _RESPONSE_DROP = frozenset(
 )
 _MAX_ACCOUNTED_BODY = 4 * 1024 * 1024  # non-stream bodies larger than this are relayed unparsed
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
-# A client hang-up is watched for once a request has run this long: quicker ones never pay for it.
+# Under a server without the hang-up hook, `receive` is watched from this age on: quicker
+# requests never pay for it.
 WATCH_AFTER_S = 0.05
 
 
@@ -83,72 +85,106 @@ class StreamedBody:
                 return
 
 
-class _HangupWatch:
-    """Cancels the request's task when the client disconnects (uvicorn's `send` ignores a gone
-    client silently, so only `receive` tells). Armed after WATCH_AFTER_S."""
+class _Hangup:
+    """Cancels the request's task when the client's connection is lost. uvicorn's `send` ignores a
+    gone client silently; the server's protocol (app/server.py) calls the hook this sets in the
+    scope from `connection_lost`, at once and with no timer or task per request. Under a server
+    without that hook, `receive` is watched instead, from WATCH_AFTER_S on."""
 
-    __slots__ = ("_task", "_receive", "_rec", "_timer", "_watcher", "_loop", "done")
+    __slots__ = ("_scope", "_task", "_rec", "_receive", "_timer", "_watcher")
 
-    def __init__(self, receive: Any, rec: RequestRecord) -> None:
-        self._loop = asyncio.get_running_loop()
+    def __init__(self, scope: dict, receive: Any, rec: RequestRecord) -> None:
+        self._scope = scope
         self._task = asyncio.current_task()
-        self._receive = receive
         self._rec = rec
+        self._receive = receive
+        self._timer: asyncio.TimerHandle | None = None
         self._watcher: asyncio.Task | None = None
-        self.done = False
-        self._timer: asyncio.TimerHandle | None = self._loop.call_later(WATCH_AFTER_S, self._arm)
+        if HANGUP_HOOK in scope:
+            scope[HANGUP_HOOK] = self._hung_up
+        else:
+            self._timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._arm)
 
-    def _arm(self) -> None:
-        self._timer = None
-        if not self.done:
-            self._watcher = self._loop.create_task(self._receive())
-            self._watcher.add_done_callback(self._on_message)
-
-    def _on_message(self, fut: asyncio.Future) -> None:
-        if self.done or fut.cancelled() or fut.exception() is not None:
-            return
-        if fut.result().get("type") == "http.disconnect" and self._task is not None:
+    def _hung_up(self) -> None:
+        self._scope[HANGUP_HOOK] = None
+        if self._task is not None:
             self._rec.disconnected = True
             self._task.cancel()
 
+    def _arm(self) -> None:
+        self._timer = None
+        self._watcher = asyncio.get_running_loop().create_task(self._receive())
+        self._watcher.add_done_callback(self._on_message)
+
+    def _on_message(self, fut: asyncio.Future) -> None:
+        if not fut.cancelled() and fut.exception() is None and fut.result().get("type") == "http.disconnect":
+            self._hung_up()
+
     def stop(self) -> None:
-        self.done = True
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._watcher is not None:
-            self._watcher.cancel()
-
-
-class _Keepalive:
-    """Sends an SSE comment (`: keep-alive`) when a stream has been silent for a whole interval,
-    e.g. while a long prompt is prefilled, so idle-timeout proxies between the client and us keep
-    the connection. The relay only bumps `sent` per message; a timer per interval does the rest."""
-
-    __slots__ = ("_send", "_interval", "_loop", "_timer", "_task", "_seen", "sent")
-
-    COMMENT = {"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True}
-
-    def __init__(self, send: Any, interval: float) -> None:
-        self._send = send
-        self._interval = interval
-        self._loop = asyncio.get_running_loop()
-        self._task: asyncio.Task | None = None
-        self._seen = self.sent = 0
-        self._timer: asyncio.TimerHandle | None = self._loop.call_later(interval, self._tick)
-
-    def _tick(self) -> None:
-        if self.sent == self._seen and (self._task is None or self._task.done()):
-            self._task = self._loop.create_task(self._send(self.COMMENT))
-        self._seen = self.sent
-        self._timer = self._loop.call_later(self._interval, self._tick)
-
-    async def close(self) -> None:
-        """Stop; a comment being sent is let through first, so it cannot follow the last message."""
+        """No more cancelling: the response is complete, or being completed. Idempotent."""
+        self._task = None
+        if HANGUP_HOOK in self._scope:
+            self._scope[HANGUP_HOOK] = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+
+
+class _Keepalive:
+    """Sends an SSE comment (`: keep-alive`) when a stream has been silent for a whole sweep
+    interval, e.g. while a long prompt is prefilled, so idle-timeout proxies between the client and
+    us keep the connection. The relay only bumps `sent` per message; `_KeepaliveSweep` does the rest."""
+
+    __slots__ = ("_send", "_loop", "_task", "_seen", "sent")
+
+    COMMENT = {"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True}
+
+    def __init__(self, send: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._send = send
+        self._loop = loop
+        self._task: asyncio.Task | None = None
+        self._seen = -1  # the first sweep only looks: silence is counted from there
+        self.sent = 0
+
+    def sweep(self) -> None:
+        if self.sent == self._seen and (self._task is None or self._task.done()):
+            self._task = self._loop.create_task(self._send(self.COMMENT))
+        self._seen = self.sent
+
+    async def close(self) -> None:
+        """A comment being sent is let through first, so it cannot follow the last message."""
         if self._task is not None and not self._task.done():
             await asyncio.shield(self._task)
+
+
+class _KeepaliveSweep:
+    """One timer for every open stream, not one each: every `interval` seconds, each stream that
+    sent nothing since the previous sweep gets a comment (after 1 to 2 intervals of silence)."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._streams: set[_Keepalive] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def open(self, send: Any) -> _Keepalive:
+        loop = asyncio.get_running_loop()
+        stream = _Keepalive(send, loop)
+        self._streams.add(stream)
+        if self._timer is None:
+            self._timer = loop.call_later(self.interval, self._sweep, loop)
+        return stream
+
+    async def close(self, stream: _Keepalive) -> None:
+        self._streams.discard(stream)
+        await stream.close()
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        for stream in self._streams:
+            stream.sweep()
+        self._timer = loop.call_later(self.interval, self._sweep, loop) if self._streams else None
 
 
 class ProxyHandler:
@@ -165,6 +201,7 @@ class ProxyHandler:
     ) -> None:
         self.runtime = runtime
         self.sse_keepalive = sse_keepalive
+        self._keepalive = _KeepaliveSweep(sse_keepalive) if sse_keepalive > 0 else None
         self.max_request_bytes = max_request_bytes
         self._keys = api_keys or []
         self._admin_key = admin_key
@@ -258,6 +295,7 @@ class ProxyHandler:
         query = scope.get("query_string")
         target = f"{path}?{query.decode('latin-1')}" if query else path
         await self._exchange(
+            scope,
             receive,
             send,
             rec,
@@ -272,11 +310,17 @@ class ProxyHandler:
     # --- the exchange -------------------------------------------------------------------------
 
     async def _exchange(
-        self, receive, send, rec: RequestRecord, method, target, headers, body, length, strip_usage
+        self, scope, receive, send, rec: RequestRecord, method, target, headers, body, length, strip_usage
     ) -> None:
         upstream = self.upstream
         assert upstream is not None
-        watch = _HangupWatch(receive, rec) if not isinstance(body, StreamedBody) else None
+        # A streamed body is read through `receive` while it is sent: without the server's hook,
+        # the hang-up watch (which also reads `receive`) waits for the response.
+        watch = (
+            _Hangup(scope, receive, rec)
+            if HANGUP_HOOK in scope or not isinstance(body, StreamedBody)
+            else None
+        )
         resp: UpstreamResponse | None = None
         complete = False
         try:
@@ -289,7 +333,7 @@ class ProxyHandler:
                 await self._body_failed(exc, rec, send)
                 return
             if watch is None:
-                watch = _HangupWatch(receive, rec)
+                watch = _Hangup(scope, receive, rec)
             complete = await self._relay(resp, send, rec, watch, strip_usage)
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -308,7 +352,7 @@ class ProxyHandler:
                 else:
                     resp.close()
 
-    async def _relay(self, resp: UpstreamResponse, send, rec, watch: _HangupWatch, strip_usage: bool) -> bool:
+    async def _relay(self, resp: UpstreamResponse, send, rec, watch: _Hangup, strip_usage: bool) -> bool:
         """Relay status, headers and body; True if the whole body came through."""
         ctype = get_header(resp.headers, b"content-type") or b""
         is_sse = ctype.startswith(b"text/event-stream")
@@ -325,7 +369,7 @@ class ProxyHandler:
 
     async def _relay_sse(self, resp: UpstreamResponse, send, rec, watch, strip_usage: bool) -> bool:
         observer = StreamObserver(rec.start, strip_usage=strip_usage)
-        keepalive = _Keepalive(send, self.sse_keepalive) if self.sse_keepalive > 0 else None
+        keepalive = self._keepalive.open(send) if self._keepalive is not None else None
         tail = b""
         complete = False
         read = resp.reader()
@@ -357,12 +401,12 @@ class ProxyHandler:
             tail = b"data: " + event + b"\n\n"
         finally:
             if keepalive is not None:
-                await keepalive.close()
+                await self._keepalive.close(keepalive)  # type: ignore[union-attr]
             rest = observer.finish()  # also reads the stream's last events: usage, error
             rec.ttft_s = observer.ttft_s
             rec.prompt_tokens, rec.completion_tokens = observer.prompt_tokens, observer.completion_tokens
             rec.error = rec.error or observer.error
-        watch.done = True
+        watch.stop()
         await send({"type": "http.response.body", "body": last + rest + tail})
         return complete
 
@@ -382,7 +426,7 @@ class ProxyHandler:
                 kept.append(chunk)
                 size += len(chunk)
             if last:  # usually the whole body arrived in one read: one send
-                watch.done = True
+                watch.stop()
                 await send({"type": "http.response.body", "body": chunk})
                 break
             await send({"type": "http.response.body", "body": chunk, "more_body": True})

@@ -163,13 +163,23 @@ def test_request_id_is_echoed_when_sane_and_replaced_when_not(proxy):
     assert r.headers["x-request-id"] != "bad id with spaces" and len(r.headers["x-request-id"]) == 32
 
 
-def test_client_hanging_up_mid_stream_closes_the_upstream_stream(proxy, fake):
+@pytest.fixture(scope="module")
+def plain(fake):
+    with InProcessProxy(fake.url, plain_uvicorn=True) as p:
+        yield p
+
+
+@pytest.mark.parametrize("server", ["proxy", "plain"])
+def test_client_hanging_up_mid_stream_closes_the_upstream_stream(server, fake, request):
+    """`proxy`: the server's protocol calls the hang-up hook; `plain`: uvicorn's own protocol, where
+    the handler watches `receive` instead."""
+    proxy = request.getfixturevalue(server)
     before = fake.closed_early
     with httpx.stream(
         "POST",
         proxy.url + "/v1/chat/completions",
         json={"model": "m", "stream": True},
-        headers={"x-fake": "endless", "x-request-id": "hangup-1"},
+        headers={"x-fake": "endless", "x-request-id": f"hangup-{server}"},
         timeout=10,
     ) as r:
         for _ in r.iter_bytes():
@@ -178,7 +188,7 @@ def test_client_hanging_up_mid_stream_closes_the_upstream_stream(proxy, fake):
     while fake.closed_early == before and time.monotonic() < deadline:
         time.sleep(0.02)
     assert fake.closed_early == before + 1
-    assert proxy.logs.request("hangup-1")["status"] == 499
+    assert proxy.logs.request(f"hangup-{server}")["status"] == 499
 
 
 @pytest.fixture(scope="module")
