@@ -106,7 +106,8 @@ class _Hangup:
             self._timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._arm)
 
     def _hung_up(self) -> None:
-        self._scope[HANGUP_HOOK] = None
+        if HANGUP_HOOK in self._scope:
+            self._scope[HANGUP_HOOK] = None  # once; and no cycle left through the scope
         if self._task is not None:
             self._rec.disconnected = True
             self._task.cancel()
