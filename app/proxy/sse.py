@@ -174,11 +174,10 @@ class StreamObserver:
         if data.endswith(b"\n\n"):  # the usual read: whole events
             block, self._buf = data, b""
         else:
-            end = max(data.rfind(b"\n\n"), data.rfind(b"\n\r\n"))
-            if end < 0:
+            end = _event_start(data, len(data))  # just past the last blank line; 0: none yet
+            if end == 0:
                 self._buf = data
                 return b""
-            end += 2 if data[end + 1 : end + 2] == b"\n" else 3
             block, self._buf = (data, b"") if end == len(data) else (data[:end], data[end:])
         if self.ttft_s is None:
             self._first_token(block)
