@@ -79,6 +79,14 @@ class JsonlFile:
             self._file.close()
 
 
+class _Batch(threading.local):
+    """One thread's lines waiting for the end of its event loop's iteration."""
+
+    def __init__(self) -> None:
+        self.pending: list[str] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+
 class LineWriter:
     """structlog's logger (and the standard library's, through `_LineHandler`): whole lines, batched
     per event-loop iteration, to the stream and, if given, to a JSONL file. Outside a running loop
@@ -88,42 +96,35 @@ class LineWriter:
     def __init__(self, stream: Any, tee: JsonlFile | None = None) -> None:
         self._stream = stream
         self._tee = tee
-        self._local = threading.local()
+        self._batch = _Batch()
         # Re-entrant, as in JsonlFile: a finalizer that logs can run during a write on this thread.
         self._lock = threading.RLock()
         atexit.register(self.flush)
-
-    def _state(self) -> Any:
-        local = self._local
-        if not hasattr(local, "pending"):
-            local.pending = []
-            local.loop = None
-        return local
 
     def msg(self, message: str) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        state = self._state()
+        batch = self._batch
         if loop is None:
-            if state.pending:  # lines a loop of this thread closed before flushing keep their place
+            if batch.pending:  # lines a loop of this thread closed before flushing keep their place
                 self.flush()
             self._write(message + "\n")
             return
-        state.pending.append(message)
-        if state.loop is not loop:
-            state.loop = loop
+        batch.pending.append(message)
+        if batch.loop is not loop:
+            batch.loop = loop
             loop.call_soon(self.flush)
 
     log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
 
     def flush(self) -> None:
         """Write this thread's batched lines now."""
-        state = self._state()
-        state.loop = None
-        if state.pending:
-            lines, state.pending = state.pending, []
+        batch = self._batch
+        batch.loop = None
+        if batch.pending:
+            lines, batch.pending = batch.pending, []
             self._write("\n".join(lines) + "\n")
 
     def _write(self, text: str) -> None:

@@ -106,11 +106,11 @@ class _Hangup:
             self._timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._arm)
 
     def _hung_up(self) -> None:
-        if HANGUP_HOOK in self._scope:
-            self._scope[HANGUP_HOOK] = None  # once; and no cycle left through the scope
-        if self._task is not None:
+        task = self._task
+        self.stop()  # once
+        if task is not None:
             self._rec.disconnected = True
-            self._task.cancel()
+            task.cancel()
 
     def _arm(self) -> None:
         self._timer = None
@@ -125,7 +125,7 @@ class _Hangup:
         """No more cancelling: the response is complete, or being completed. Idempotent."""
         self._task = None
         if HANGUP_HOOK in self._scope:
-            self._scope[HANGUP_HOOK] = None
+            self._scope[HANGUP_HOOK] = None  # and no reference cycle left through the scope
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -201,7 +201,6 @@ class ProxyHandler:
         log_prompts: bool = False,
     ) -> None:
         self.runtime = runtime
-        self.sse_keepalive = sse_keepalive
         self._keepalive = _KeepaliveSweep(sse_keepalive) if sse_keepalive > 0 else None
         self.max_request_bytes = max_request_bytes
         self._keys = api_keys or []
@@ -370,7 +369,8 @@ class ProxyHandler:
 
     async def _relay_sse(self, resp: UpstreamResponse, send, rec, watch, strip_usage: bool) -> bool:
         observer = StreamObserver(rec.start, strip_usage=strip_usage)
-        keepalive = self._keepalive.open(send) if self._keepalive is not None else None
+        sweep = self._keepalive
+        keepalive = sweep.open(send) if sweep is not None else None
         tail = b""
         complete = False
         read = resp.reader()
@@ -401,8 +401,8 @@ class ProxyHandler:
             )
             tail = b"data: " + event + b"\n\n"
         finally:
-            if keepalive is not None:
-                await self._keepalive.close(keepalive)  # type: ignore[union-attr]
+            if sweep is not None and keepalive is not None:
+                await sweep.close(keepalive)
             rest = observer.finish()  # also reads the stream's last events: usage, error
             rec.ttft_s = observer.ttft_s
             rec.prompt_tokens, rec.completion_tokens = observer.prompt_tokens, observer.completion_tokens
