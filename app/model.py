@@ -1,5 +1,11 @@
 """Where the weights come from: a local directory as it is, or a Hugging Face repo downloaded into
-the HF cache with huggingface_hub (token, revision, offline mode honoured, progress in the logs)."""
+the HF cache with huggingface_hub (token, revision, offline mode honoured, progress in the logs).
+
+The hub client is whichever the engine's image ships (its version is kept as installed, see
+scripts/install-app.sh): 0.x (requests; TensorRT-LLM's transformers pin, older vLLM), 1.x (httpx;
+vLLM 0.32 allows >=1.31) or 2.x (httpx2). Only API common to all three is used unguarded;
+tests/app/test_model_hub_versions.py runs this module's tests under each.
+"""
 
 from __future__ import annotations
 
@@ -60,7 +66,8 @@ def explain_hub_error(exc: BaseException, repo_id: str, revision: str | None) ->
         )
     if isinstance(exc, errors.RevisionNotFoundError):
         return f"revision {rev!r} of {repo_id} does not exist (MODEL_REVISION)."
-    if isinstance(exc, errors.IncompleteSnapshotError):
+    incomplete = getattr(errors, "IncompleteSnapshotError", None)  # hub >= 1.x
+    if incomplete is not None and isinstance(exc, incomplete):
         return (
             f"{repo_id} is only partly in the cache and the Hub cannot be reached (offline, "
             "HF_HUB_OFFLINE=1, or no network): finish the download with network access."
@@ -117,15 +124,37 @@ def _cached_skip(repo_id: str, revision: str | None, cache_dir: str | None) -> l
     """The ignore patterns of the earlier download, from the file listing cached with it.
 
     Offline, snapshot_download checks the cached snapshot against that listing: without the same
-    patterns every skipped weight format counts as missing (IncompleteSnapshotError)."""
-    from huggingface_hub import get_cached_repo_tree
-    from huggingface_hub.errors import CachedRepoTreeNotFoundError
-
+    patterns every skipped weight format counts as missing (IncompleteSnapshotError). A hub without
+    cached listings (0.x) does not check completeness: nothing to pass."""
+    try:
+        from huggingface_hub import get_cached_repo_tree
+        from huggingface_hub.errors import CachedRepoTreeNotFoundError
+    except ImportError:
+        return None
     try:
         tree = get_cached_repo_tree(repo_id, revision=revision, cache_dir=cache_dir)
     except CachedRepoTreeNotFoundError:
         return None  # no listing cached: snapshot_download does not check completeness either
     return ignore_patterns([f.path for f in tree])
+
+
+def _unreachable_errors() -> tuple[type[BaseException], ...]:
+    """What the hub client raises when the Hub cannot be reached: connection refused or timed out,
+    from whichever HTTP library this hub version uses (requests, httpx or httpx2)."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    found: list[type[BaseException]] = [OfflineModeIsEnabled]
+    for module, names in (
+        ("httpx2", ("ConnectError", "TimeoutException")),
+        ("httpx", ("ConnectError", "TimeoutException")),
+        ("requests", ("ConnectionError", "Timeout")),
+    ):
+        try:
+            lib = __import__(module)
+        except ImportError:
+            continue
+        found += [getattr(lib, name) for name in names]
+    return tuple(found)
 
 
 def _list_files(api: Any, repo_id: str, revision: str | None, token: str | None) -> list[str]:
@@ -153,9 +182,8 @@ def resolve_model(
     if looks_like_path(name):
         raise ModelError(f"MODEL_NAME {name!r} looks like a path but no such directory exists.")
 
-    import httpx2
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HFValidationError, OfflineModeIsEnabled
+    from huggingface_hub.errors import HFValidationError
 
     kwargs: dict[str, Any] = {"revision": revision, "token": token, "cache_dir": cache_dir}
     if endpoint:
@@ -165,7 +193,7 @@ def resolve_model(
         if not offline:
             try:
                 files = _list_files(HfApi(endpoint=endpoint), name, revision, token)
-            except (httpx2.ConnectError, httpx2.TimeoutException, OfflineModeIsEnabled) as exc:
+            except _unreachable_errors() as exc:
                 # What snapshot_download itself does when the Hub is unreachable: use the cache.
                 log.warning("hub unreachable, trying the cache", repo_id=name, error=str(exc))
         if files is None:
