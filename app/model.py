@@ -9,6 +9,8 @@ tests/app/test_model_hub_versions.py runs this module's tests under each.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ class ModelError(Exception):
 @dataclass
 class ResolvedModel:
     path: str
-    source: str  # "local" or "hub"
+    source: str  # "local", "baked" or "hub"
     repo_id: str | None = None
 
 
@@ -166,6 +168,46 @@ def _list_files(api: Any, repo_id: str, revision: str | None, token: str | None)
     return api.list_repo_files(repo_id, revision=revision, token=token)
 
 
+def _baked(name: str, revision: str | None, baked_cache: str | None) -> str | None:
+    """The snapshot of `name` in the cache baked into the image, if it is there whole; no network.
+    It lives outside HF_HOME's volume, so a volume mounted on /data cannot hide it."""
+    if not baked_cache or not Path(baked_cache).is_dir():
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(
+            name,
+            revision=revision,
+            cache_dir=baked_cache,
+            local_files_only=True,
+            ignore_patterns=_cached_skip(name, revision, baked_cache),
+        )
+    except Exception:  # not baked (or not whole): the HF cache and the Hub as usual
+        return None
+
+
+def check_cache_writable(cache_dir: str | Path | None = None) -> None:
+    """Raise ModelError, in one sentence with the fix, if the HF cache cannot be written: a volume
+    owned by root (RunPod's) while the image runs as uid 10001 would otherwise fail deep in the
+    download with a PermissionError. Tries for real (root ignores mode bits; read-only mounts not)."""
+    from huggingface_hub import constants
+
+    path = Path(cache_dir or constants.HF_HUB_CACHE)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ModelError(
+            f"The Hugging Face cache {path} is not writable by this container's user "
+            f"(uid {os.getuid()}, gid {os.getgid()}; {exc.strerror or exc}): make that folder writable by "
+            "it (for a volume: chown -R 10001:0), point HF_HOME at a writable folder, set "
+            "HF_HUB_OFFLINE=1 for a cache filled in advance, or on RunPod, whose volumes are "
+            "root-owned, use the image's -runpod variant, which runs as root."
+        ) from exc
+
+
 def resolve_model(
     name: str,
     *,
@@ -174,17 +216,25 @@ def resolve_model(
     offline: bool = False,
     cache_dir: str | None = None,
     endpoint: str | None = None,
+    baked_cache: str | None = None,
 ) -> ResolvedModel:
-    """A local directory, or the path of the downloaded snapshot. Raises ModelError."""
+    """A local directory, a snapshot baked into the image (`baked_cache`), or the path of the
+    downloaded snapshot. Raises ModelError."""
     local = Path(name).expanduser()
     if local.is_dir():
         return ResolvedModel(path=str(local.resolve()), source="local")
     if looks_like_path(name):
         raise ModelError(f"MODEL_NAME {name!r} looks like a path but no such directory exists.")
+    baked = _baked(name, revision, baked_cache)
+    if baked is not None:
+        log.info("model ready", repo_id=name, path=baked, baked=True)
+        return ResolvedModel(path=baked, source="baked", repo_id=name)
 
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import HFValidationError
 
+    if not offline:
+        check_cache_writable(cache_dir)
     kwargs: dict[str, Any] = {"revision": revision, "token": token, "cache_dir": cache_dir}
     if endpoint:
         kwargs["endpoint"] = endpoint

@@ -2,14 +2,19 @@
 under load, the engine dying."""
 
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from stack import Stack
+from stack import ROOT, Stack, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -57,6 +62,44 @@ def test_a_model_that_cannot_be_had_exits_1_saying_why(stack_logs, tmp_path, mod
     assert stack.wait_exit(30) == 1
     errors = _error_lines(stack)
     assert len(errors) == 1 and message in errors[0]["event"]
+    _no_traceback(stack)
+
+
+def test_an_hf_cache_the_image_user_cannot_write_exits_1_before_any_download(stack_logs):
+    """RunPod's volumes are root-owned and the image runs as uid 10001: the real launcher, run as
+    that user (setpriv, when the tests run as root), against a root-owned 0755 folder as HF_HOME.
+    It is started as start.sh would exec it (`python -m app.launcher`): start.sh, as that user,
+    could not run this machine's venv interpreter, which lives under root's home."""
+    volume = Path(tempfile.mkdtemp(prefix="volume-"))
+    volume.chmod(0o755 if os.geteuid() == 0 else 0o555)
+    stack = Stack(
+        stack_logs,
+        "cache-unwritable",
+        MODEL_NAME="someorg/some-model",
+        HF_HOME=str(volume / "huggingface"),
+        HF_HUB_OFFLINE="0",
+        HF_ENDPOINT=f"http://127.0.0.1:{free_port()}",  # nothing there: no download could start
+    )
+    as_user = ["setpriv", "--reuid=10001", "--regid=0", "--clear-groups"] if os.geteuid() == 0 else []
+    try:
+        with open(stack.log_path, "wb") as out:
+            code = subprocess.run(
+                [*as_user, sys.executable, "-m", "app.launcher"],
+                cwd=ROOT,
+                env=stack.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=60,
+            ).returncode
+    finally:
+        volume.chmod(0o755)
+        shutil.rmtree(volume)
+    assert code == 1, stack.tail()
+    errors = _error_lines(stack)
+    assert len(errors) == 1 and "is not writable by this container's user (uid 10001" in errors[0]["event"]
+    assert not any(
+        r.get("event") in ("downloading model", "hub unreachable, trying the cache") for r in stack.records()
+    )
     _no_traceback(stack)
 
 
