@@ -172,3 +172,42 @@ def test_uncommenting_one_line_sets_that_one_setting_to_its_default():
         text = "\n".join([*lines[:i], lines[i][1:], *lines[i + 1 :]])
         assert compose_env_file(text) == {key: value}, lines[i]
         assert dotenv_values(stream=io.StringIO(text)) == {key: value}, lines[i]
+
+
+# --- stopping: the container must get the whole drain ---------------------------------------------
+
+
+def _seconds(duration: str) -> float:
+    """A compose duration (`90s`, `2m`, `1m30s`) in seconds."""
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", duration)
+    assert parts and duration, duration
+    h, m, s = (int(x or 0) for x in parts.groups())
+    return h * 3600 + m * 60 + s
+
+
+def stop_needs_s() -> float:
+    """How long a SIGTERM'd container may take with the default settings: the drain, the proxy
+    server's graceful shutdown, then the engine's stop and its children's."""
+    from app import launcher
+    from app.server import server_config
+    from app.settings import Settings
+
+    graceful = server_config(None, "127.0.0.1", 1, 1).timeout_graceful_shutdown
+    drain = Settings.model_fields["DRAIN_TIMEOUT"].default
+    return drain + graceful + launcher.ENGINE_STOP_TIMEOUT + launcher.LEFTOVER_GRACE
+
+
+def test_compose_gives_the_container_longer_than_the_drain_to_stop(compose):
+    for name in ("vllm-api", "vllm-api-cpu"):
+        grace = compose["services"][name].get("stop_grace_period")
+        assert grace is not None and _seconds(grace) >= stop_needs_s(), (name, grace, stop_needs_s())
+
+
+def test_every_docker_run_of_the_image_in_the_docs_sets_a_stop_timeout():
+    for doc in ("README.md", "QUICKSTART.md"):
+        text = (ROOT / doc).read_text().replace("\\\n", " ")
+        runs = [line for line in text.splitlines() if "docker run" in line and "vllm-inference-api" in line]
+        assert runs, doc
+        for line in runs:
+            found = re.search(r"--stop-timeout[ =](\d+)", line)
+            assert found and int(found.group(1)) >= stop_needs_s(), (doc, line)
