@@ -71,7 +71,6 @@ def test_serverless_templates_pick_their_mode():
     assert queue["env"]["RUNPOD_MODE"] == "queue" and "RUNPOD_MODE" not in lb["env"]
 
 
-
 def test_templates_run_the_root_variant_and_name_the_cuda_filter():
     """RunPod's volumes are root-owned: the -runpod image (Dockerfile target runpod) runs as root.
     The images are CUDA 13 builds: each template says which hosts to allow."""
