@@ -105,6 +105,13 @@ RUN useradd --system --uid 10001 --gid 0 --home-dir /home/app --create-home app 
 COPY app/ app/
 COPY scripts/ scripts/
 
+# The installed vLLM's flags, from its own argument parser: at start the launcher leaves out (and names)
+# any flag of its making this vLLM no longer has, instead of vLLM refusing to start
+# (app/engines/vllm_flags.py). A build machine that cannot build the parser only loses the check.
+RUN python3 -m app.engines.vllm_flags /app/vllm-flags.json \
+ || echo "vllm_flags: could not read vLLM's flags here; the launcher will not check them"
+ENV ENGINE_FLAGS_FILE=/app/vllm-flags.json
+
 # The summary card's defaults, in this one place: Qwen2-VL 7B on one GPU. Every one is a setting of
 # app/settings.py that `docker run -e`, the compose .env or a RunPod template overrides; QUICKSTART.md
 # has the env blocks for other models (context length, GPUs, quantization).

@@ -24,8 +24,8 @@ from collections.abc import Awaitable
 from typing import Any
 
 from app import gpu
-from app.engines import engine_for
-from app.engines.base import mask_secrets
+from app.engines import engine_for, vllm_flags
+from app.engines.base import mask_secrets, split_extra_args
 from app.health_port import health_only
 from app.logs import configure_from, get_logger, use_console
 from app.main import create_app
@@ -314,6 +314,8 @@ class Launcher:
                 executable=argv[0],
             )
             return False
+        if self.engine.name == "vllm" and s.ENGINE_FLAGS_FILE is not None and not self._check_flags(argv):
+            return False
         if self.engine.unmapped is not None:
             ignored = self.engine.unmapped(s)
             if ignored:
@@ -332,6 +334,28 @@ class Launcher:
                 log.error("cannot write the engine's options file", path=path, error=str(exc))
                 return False
             log.info("engine options file", path=path, options=text.strip())
+        return True
+
+    def _check_flags(self, argv: list[str]) -> bool:
+        """Leave out (in place) the flags of the launcher's making that the image's vLLM does not
+        have (app/engines/vllm_flags.py), naming them once; False if one the proxy needs is gone."""
+        known = vllm_flags.load_known(self.settings.ENGINE_FLAGS_FILE)
+        if known is None:
+            log.warning(
+                "no readable engine flag list: flags not checked", path=str(self.settings.ENGINE_FLAGS_FILE)
+            )
+            return True
+        extra = len(split_extra_args(self.settings.ENGINE_EXTRA_ARGS))
+        kept, dropped = vllm_flags.filter_flags(argv, known, keep_last=extra)
+        needed = sorted(vllm_flags.ESSENTIAL.intersection(dropped))
+        if needed:
+            log.error(
+                f"This image's vLLM has no {', '.join(needed)} flag, which the proxy needs: build the image on a vLLM release that has it (VLLM_VERSION)."
+            )
+            return False
+        if dropped:
+            log.warning("flags this vLLM does not have are left out", flags=dropped)
+        argv[:] = kept
         return True
 
     async def _wait_ready(self) -> bool:

@@ -329,6 +329,14 @@ class Settings(BaseSettings):
         "GPUs only); the GPU check then warns instead of stopping.",
     )
 
+    ENGINE_FLAGS_FILE: Path | None = Field(
+        None,
+        description="ENGINE=vllm: the flags the installed vLLM accepts, written from its own argument "
+        "parser when the image is built (`python -m app.engines.vllm_flags`; the image sets "
+        "/app/vllm-flags.json). Flags the launcher derives from settings that this vLLM lacks are "
+        "left out and named in one warning. Unset: no check.",
+    )
+
     @property
     def cuda_compat(self) -> bool:
         """VLLM_ENABLE_CUDA_COMPATIBILITY as vLLM reads it (vllm/envs.py): "1" or "true" only."""

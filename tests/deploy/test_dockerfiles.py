@@ -195,3 +195,11 @@ def test_the_runpod_variant_is_the_vllm_image_running_as_root():
     steps = stages(DOCKERFILE)["runpod"]
     assert stages_from(DOCKERFILE)["runpod"] == "vllm"
     assert steps == [("USER", "0")]
+
+
+def test_the_vllm_image_lists_its_vllm_s_flags_where_the_launcher_reads_them():
+    steps = stages(DOCKERFILE)["vllm"]
+    run_at = next(i for i, (w, rest) in enumerate(steps) if w == "RUN" and "app.engines.vllm_flags" in rest)
+    listed = re.search(r"app\.engines\.vllm_flags (\S+)", steps[run_at][1]).group(1)
+    assert steps.index(("COPY", "app/ app/")) < run_at
+    assert env_of(steps)["ENGINE_FLAGS_FILE"] == listed
