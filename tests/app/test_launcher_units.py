@@ -135,3 +135,29 @@ def test_the_engine_sends_no_usage_statistics_unless_usage_stats_is_on(tmp_path)
     # A user's own setting of vLLM's variables stands.
     assert _vllm_usage_stats(engine_env({**base, "VLLM_NO_USAGE_STATS": "0", "DO_NOT_TRACK": "0"})) == "on"
     assert Settings(MODEL_NAME="m").USAGE_STATS is False
+
+
+# --- the drain's last word (issue 13: a run at load 13 had no `drained`) ------------------------
+# It had `drain cut short`: the stream outlasted DRAIN_TIMEOUT. Both endings are logged, each once.
+
+
+def _drain(settings: Settings, finish_after: float | None) -> list[dict]:
+    launcher = Launcher(settings)
+    before = len(LOGS.records())
+
+    async def run():
+        launcher.runtime.request_started()
+        if finish_after is not None:
+            asyncio.get_running_loop().call_later(finish_after, launcher.runtime.request_finished)
+        assert await launcher._drain() == 0
+
+    asyncio.run(run())
+    return [r for r in LOGS.records()[before:] if r.get("event", "").startswith(("drain", "draining"))]
+
+
+def test_a_drain_says_how_it_ended_drained_or_cut_short_with_what_was_left():
+    done = _drain(Settings(MODEL_NAME="m", DRAIN_TIMEOUT=5), finish_after=0.05)
+    assert [r["event"] for r in done] == ["draining", "drained"]
+    cut = _drain(Settings(MODEL_NAME="m", DRAIN_TIMEOUT=0.05), finish_after=None)
+    assert [r["event"] for r in cut] == ["draining", "drain cut short"]
+    assert cut[1]["in_flight"] == 1 and cut[1]["drain_timeout_s"] == 0.05 and cut[1]["level"] == "warning"
