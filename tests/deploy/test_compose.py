@@ -45,6 +45,7 @@ def test_the_gpu_service_is_the_default_and_has_what_a_gpu_box_needs(compose):
     assert (
         api["build"]["target"] == "vllm"
         and api["build"]["args"]["VLLM_VERSION"] == "${VLLM_VERSION:-v0.32.0}"
+        and api["build"]["args"]["VLLM_CUDA_VARIANT"] == "${VLLM_CUDA_VARIANT:-}"
     )
 
 
