@@ -154,8 +154,8 @@ def test_sigterm_lets_the_stream_finish_refuses_new_requests_and_exits_0(stack_l
         SERVED_MODEL_NAME="m",
         MAX_MODEL_LEN="4096",
         # The drain must outlast the stream whatever the machine's load: at load 7-13 on two cores
-        # vLLM makes 7-20 tokens/s, so 2500 tokens take minutes, and with the default 60 s the drain
-        # ends "cut short" (the stream then finishing, or not, in the server's 5 s grace).
+        # vLLM makes 7-20 tokens/s, and with the default 60 s a long stream outlasts the drain, which
+        # then ends "cut short" (the stream finishing, or not, in the server's 5 s grace).
         DRAIN_TIMEOUT="600",
     ).start(wait=False)
     # While the engine loads, RunPod's /ping says 204 and requests get 503 with Retry-After.
@@ -175,7 +175,10 @@ def test_sigterm_lets_the_stream_finish_refuses_new_requests_and_exits_0(stack_l
     assert {204, 200} <= seen
 
     out: dict = {}
-    thread = _long_stream(stack, out)
+    # Long enough to be in flight through the checks below (a few seconds on an idle machine; the
+    # `draining` record shows it was), short enough for a loaded one (~40 s at 15 tokens/s).
+    tokens = 600
+    thread = _long_stream(stack, out, max_tokens=tokens)
     stack.signal(signal.SIGTERM)
     time.sleep(0.3)
     refused = httpx.post(stack.url + "/v1/completions", json={"model": "m", "prompt": "x"}, timeout=5)
@@ -185,9 +188,10 @@ def test_sigterm_lets_the_stream_finish_refuses_new_requests_and_exits_0(stack_l
     assert stack.wait_exit(60) == 0
     assert out["status"] == 200 and "exc" not in out
     data = [line for line in out["lines"] if line.startswith("data: {")]
-    assert len(data) >= 2500 * 0.5 and out["lines"][-1] == "data: [DONE]"
+    assert len(data) >= tokens * 0.5 and out["lines"][-1] == "data: [DONE]"
     events = [r.get("event") for r in stack.records()]
     drain = [r for r in stack.records() if r.get("event") in ("draining", "drained", "drain cut short")]
+    assert drain[0]["event"] == "draining" and drain[0]["in_flight"] == 1, drain
     assert "drained" in events, drain
     assert events.index("draining") < events.index("drained") < events.index("engine stopped")
 
