@@ -24,9 +24,10 @@ ENV_EXAMPLE_HEAD = """\
 # Every setting the image reads, with the app's default, each line commented out: copied to .env
 # (`cp .env.example .env`), this file changes nothing, so the image's own defaults (the ENV block of
 # its Dockerfile: HF_HOME, the model card's engine settings, ENGINE=trtllm in the -trtllm image)
-# stand. To set one, remove the `#` in front of its name and give it a value. An empty value
-# (`MAX_MODEL_LEN=`) sets the variable to "" in the container, which means unset: the engine's own
-# default, not the image's. Generated from app/settings.py by scripts/settings_docs.py.
+# stand. To set one, remove the `#` in front of its name and give it a value. Uncomment nothing you
+# leave empty: `HF_HOME=` still sets the variable, to "", over the image's default (the app reads ""
+# as unset, libraries such as huggingface_hub do not). Generated from app/settings.py by
+# scripts/settings_docs.py.
 """
 
 
