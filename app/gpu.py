@@ -81,6 +81,47 @@ def check_device(device: str, report: GpuReport) -> str | None:
     return None
 
 
+# The oldest Linux driver of each CUDA release (NVIDIA's CUDA toolkit release notes, table 3).
+MIN_DRIVER = {(12, 8): "570", (12, 9): "575", (13, 0): "580", (13, 1): "590"}
+
+
+def cuda_version(text: str | None) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA version as images and NVML write it: `13.0.1`, `12.9`,
+    `12.8.0.038` (NGC images); None when there is none to read."""
+    parts = (text or "").strip().split(".")
+    if len(parts) < 2 or not (parts[0].isdigit() and parts[1].isdigit()):
+        return None
+    return int(parts[0]), int(parts[1])
+
+
+def check_cuda(
+    report: GpuReport, image_cuda: str | None, engine: str = "vllm", compat: bool = False
+) -> tuple[str, bool] | None:
+    """None if the driver runs this image's CUDA, else (the one-line reason, fatal). The driver's
+    CUDA version (NVML) is the newest CUDA it can run; an image built for a newer one fails in the
+    engine ("CUDA driver version is insufficient"). With `compat` (vLLM's
+    VLLM_ENABLE_CUDA_COMPATIBILITY=1: the image's forward-compatibility libraries, data-centre GPUs
+    only) it is a warning instead."""
+    image, driver = cuda_version(image_cuda), cuda_version(report.cuda_driver_version)
+    if image is None or driver is None or driver >= image:
+        return None
+    want = f"{image[0]}.{image[1]}"
+    found = (
+        f"The NVIDIA driver {report.driver_version} supports CUDA up to {report.cuda_driver_version}, "
+        f"older than this image's CUDA {want}"
+    )
+    if compat and engine == "vllm":
+        return f"{found}: trying CUDA forward compatibility (VLLM_ENABLE_CUDA_COMPATIBILITY=1).", False
+    newer = f" ({MIN_DRIVER[image]} or newer)" if image in MIN_DRIVER else ""
+    other = (
+        "run the image built on vLLM's CUDA 12.9 base (build argument VLLM_CUDA_VARIANT=-cu129, "
+        "driver 575 or newer)"
+        if engine == "vllm"
+        else "build the image on a TensorRT-LLM release made for your driver's CUDA (TRTLLM_VERSION)"
+    )
+    return f"{found}: update the host's driver to one for CUDA {want}{newer}, or {other}.", True
+
+
 class GpuCollector:
     """Prometheus collector of per-GPU gauges read from NVML at each scrape: memory used and
     total, utilization, temperature, power. Yields nothing where NVML has no GPU (CPU machines).

@@ -24,8 +24,8 @@ from collections.abc import Awaitable
 from typing import Any
 
 from app import gpu
-from app.engines import engine_for
-from app.engines.base import mask_secrets
+from app.engines import engine_for, vllm_flags
+from app.engines.base import mask_secrets, split_extra_args
 from app.health_port import health_only
 from app.logs import configure_from, get_logger, use_console
 from app.main import create_app
@@ -54,11 +54,14 @@ def _signal_group(pgid: int, sig: int) -> bool:
     return True
 
 
-def engine_env(environ: dict[str, str] | os._Environ) -> dict[str, str]:
+def engine_env(environ: dict[str, str] | os._Environ, usage_stats: bool = False) -> dict[str, str]:
     """The engine's environment: ours, with safe defaults the user has not overridden."""
     env = dict(environ)
     env.setdefault("VLLM_MEDIA_URL_ALLOW_REDIRECTS", "0")  # a checked media URL must not redirect
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    if not usage_stats:  # vLLM reports usage to stats.vllm.ai unless told not to (USAGE_STATS)
+        env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        env.setdefault("DO_NOT_TRACK", "1")
     return env
 
 
@@ -136,11 +139,20 @@ class Launcher:
         if problem:
             log.error(problem)
             return 1
+        cuda = gpu.check_cuda(report, s.CUDA_VERSION, s.ENGINE, s.cuda_compat) if s.DEVICE != "cpu" else None
+        if cuda is not None and self.engine.build_command:
+            message, fatal = cuda
+            if fatal:
+                log.error(message)
+                return 1
+            log.warning(message)
         log.info(
             "device",
             device=s.DEVICE,
             gpus=[f"{g.index}: {g.name} {g.memory_total_mib} MiB" for g in report.gpus],
             driver=report.driver_version,
+            driver_cuda=report.cuda_driver_version,
+            image_cuda=s.CUDA_VERSION,
         )
 
         if not await self._start_server():
@@ -159,6 +171,7 @@ class Launcher:
                 token=s.HF_TOKEN.get_secret_value() if s.HF_TOKEN else None,
                 offline=s.HF_HUB_OFFLINE,
                 endpoint=s.HF_ENDPOINT,
+                baked_cache=str(s.BAKED_MODELS_CACHE) if s.BAKED_MODELS_CACHE else None,
             )
         )
         if await _first(resolving, self.stop.wait()) is not resolving:
@@ -179,7 +192,7 @@ class Launcher:
         self.runtime.detail = "engine loading"
         self.proc = await asyncio.create_subprocess_exec(
             *argv,
-            env=engine_env(os.environ),
+            env=engine_env(os.environ, usage_stats=s.USAGE_STATS),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -254,7 +267,8 @@ class Launcher:
         if first is idle and idle.result():
             log.info("drained")
         else:
-            log.warning("drain cut short", in_flight=self.runtime.inflight)
+            # What is still in flight gets the server's graceful shutdown, then is cancelled.
+            log.warning("drain cut short", in_flight=self.runtime.inflight, drain_timeout_s=timeout)
         return 0
 
     # --- pieces -------------------------------------------------------------------------------
@@ -300,6 +314,8 @@ class Launcher:
                 executable=argv[0],
             )
             return False
+        if self.engine.name == "vllm" and s.ENGINE_FLAGS_FILE is not None and not self._check_flags(argv):
+            return False
         if self.engine.unmapped is not None:
             ignored = self.engine.unmapped(s)
             if ignored:
@@ -318,6 +334,28 @@ class Launcher:
                 log.error("cannot write the engine's options file", path=path, error=str(exc))
                 return False
             log.info("engine options file", path=path, options=text.strip())
+        return True
+
+    def _check_flags(self, argv: list[str]) -> bool:
+        """Leave out (in place) the flags of the launcher's making that the image's vLLM does not
+        have (app/engines/vllm_flags.py), naming them once; False if one the proxy needs is gone."""
+        known = vllm_flags.load_known(self.settings.ENGINE_FLAGS_FILE)
+        if known is None:
+            log.warning(
+                "no readable engine flag list: flags not checked", path=str(self.settings.ENGINE_FLAGS_FILE)
+            )
+            return True
+        extra = len(split_extra_args(self.settings.ENGINE_EXTRA_ARGS))
+        kept, dropped = vllm_flags.filter_flags(argv, known, keep_last=extra)
+        needed = sorted(vllm_flags.ESSENTIAL.intersection(dropped))
+        if needed:
+            log.error(
+                f"This image's vLLM has no {', '.join(needed)} flag, which the proxy needs: build the image on a vLLM release that has it (VLLM_VERSION)."
+            )
+            return False
+        if dropped:
+            log.warning("flags this vLLM does not have are left out", flags=dropped)
+        argv[:] = kept
         return True
 
     async def _wait_ready(self) -> bool:

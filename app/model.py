@@ -1,8 +1,16 @@
 """Where the weights come from: a local directory as it is, or a Hugging Face repo downloaded into
-the HF cache with huggingface_hub (token, revision, offline mode honoured, progress in the logs)."""
+the HF cache with huggingface_hub (token, revision, offline mode honoured, progress in the logs).
+
+The hub client is whichever the engine's image ships (its version is kept as installed, see
+scripts/install-app.sh): 0.x (requests; TensorRT-LLM's transformers pin, older vLLM), 1.x (httpx;
+vLLM 0.32 allows >=1.31) or 2.x (httpx2). Only API common to all three is used unguarded;
+tests/app/test_model_hub_versions.py runs this module's tests under each.
+"""
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +32,7 @@ class ModelError(Exception):
 @dataclass
 class ResolvedModel:
     path: str
-    source: str  # "local" or "hub"
+    source: str  # "local", "baked" or "hub"
     repo_id: str | None = None
 
 
@@ -60,7 +68,8 @@ def explain_hub_error(exc: BaseException, repo_id: str, revision: str | None) ->
         )
     if isinstance(exc, errors.RevisionNotFoundError):
         return f"revision {rev!r} of {repo_id} does not exist (MODEL_REVISION)."
-    if isinstance(exc, errors.IncompleteSnapshotError):
+    incomplete = getattr(errors, "IncompleteSnapshotError", None)  # hub >= 1.x
+    if incomplete is not None and isinstance(exc, incomplete):
         return (
             f"{repo_id} is only partly in the cache and the Hub cannot be reached (offline, "
             "HF_HUB_OFFLINE=1, or no network): finish the download with network access."
@@ -117,15 +126,37 @@ def _cached_skip(repo_id: str, revision: str | None, cache_dir: str | None) -> l
     """The ignore patterns of the earlier download, from the file listing cached with it.
 
     Offline, snapshot_download checks the cached snapshot against that listing: without the same
-    patterns every skipped weight format counts as missing (IncompleteSnapshotError)."""
-    from huggingface_hub import get_cached_repo_tree
-    from huggingface_hub.errors import CachedRepoTreeNotFoundError
-
+    patterns every skipped weight format counts as missing (IncompleteSnapshotError). A hub without
+    cached listings (0.x) does not check completeness: nothing to pass."""
+    try:
+        from huggingface_hub import get_cached_repo_tree
+        from huggingface_hub.errors import CachedRepoTreeNotFoundError
+    except ImportError:
+        return None
     try:
         tree = get_cached_repo_tree(repo_id, revision=revision, cache_dir=cache_dir)
     except CachedRepoTreeNotFoundError:
         return None  # no listing cached: snapshot_download does not check completeness either
     return ignore_patterns([f.path for f in tree])
+
+
+def _unreachable_errors() -> tuple[type[BaseException], ...]:
+    """What the hub client raises when the Hub cannot be reached: connection refused or timed out,
+    from whichever HTTP library this hub version uses (requests, httpx or httpx2)."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    found: list[type[BaseException]] = [OfflineModeIsEnabled]
+    for module, names in (
+        ("httpx2", ("ConnectError", "TimeoutException")),
+        ("httpx", ("ConnectError", "TimeoutException")),
+        ("requests", ("ConnectionError", "Timeout")),
+    ):
+        try:
+            lib = __import__(module)
+        except ImportError:
+            continue
+        found += [getattr(lib, name) for name in names]
+    return tuple(found)
 
 
 def _list_files(api: Any, repo_id: str, revision: str | None, token: str | None) -> list[str]:
@@ -137,6 +168,46 @@ def _list_files(api: Any, repo_id: str, revision: str | None, token: str | None)
     return api.list_repo_files(repo_id, revision=revision, token=token)
 
 
+def _baked(name: str, revision: str | None, baked_cache: str | None) -> str | None:
+    """The snapshot of `name` in the cache baked into the image, if it is there whole; no network.
+    It lives outside HF_HOME's volume, so a volume mounted on /data cannot hide it."""
+    if not baked_cache or not Path(baked_cache).is_dir():
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(
+            name,
+            revision=revision,
+            cache_dir=baked_cache,
+            local_files_only=True,
+            ignore_patterns=_cached_skip(name, revision, baked_cache),
+        )
+    except Exception:  # not baked (or not whole): the HF cache and the Hub as usual
+        return None
+
+
+def check_cache_writable(cache_dir: str | Path | None = None) -> None:
+    """Raise ModelError, in one sentence with the fix, if the HF cache cannot be written: a volume
+    owned by root (RunPod's) while the image runs as uid 10001 would otherwise fail deep in the
+    download with a PermissionError. Tries for real (root ignores mode bits; read-only mounts not)."""
+    from huggingface_hub import constants
+
+    path = Path(cache_dir or constants.HF_HUB_CACHE)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ModelError(
+            f"The Hugging Face cache {path} is not writable by this container's user "
+            f"(uid {os.getuid()}, gid {os.getgid()}; {exc.strerror or exc}): make that folder writable by "
+            "it (for a volume: chown -R 10001:0), point HF_HOME at a writable folder, set "
+            "HF_HUB_OFFLINE=1 for a cache filled in advance, or on RunPod, whose volumes are "
+            "root-owned, use the image's -runpod variant, which runs as root."
+        ) from exc
+
+
 def resolve_model(
     name: str,
     *,
@@ -145,18 +216,25 @@ def resolve_model(
     offline: bool = False,
     cache_dir: str | None = None,
     endpoint: str | None = None,
+    baked_cache: str | None = None,
 ) -> ResolvedModel:
-    """A local directory, or the path of the downloaded snapshot. Raises ModelError."""
+    """A local directory, a snapshot baked into the image (`baked_cache`), or the path of the
+    downloaded snapshot. Raises ModelError."""
     local = Path(name).expanduser()
     if local.is_dir():
         return ResolvedModel(path=str(local.resolve()), source="local")
     if looks_like_path(name):
         raise ModelError(f"MODEL_NAME {name!r} looks like a path but no such directory exists.")
+    baked = _baked(name, revision, baked_cache)
+    if baked is not None:
+        log.info("model ready", repo_id=name, path=baked, baked=True)
+        return ResolvedModel(path=baked, source="baked", repo_id=name)
 
-    import httpx2
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HFValidationError, OfflineModeIsEnabled
+    from huggingface_hub.errors import HFValidationError
 
+    if not offline:
+        check_cache_writable(cache_dir)
     kwargs: dict[str, Any] = {"revision": revision, "token": token, "cache_dir": cache_dir}
     if endpoint:
         kwargs["endpoint"] = endpoint
@@ -165,7 +243,7 @@ def resolve_model(
         if not offline:
             try:
                 files = _list_files(HfApi(endpoint=endpoint), name, revision, token)
-            except (httpx2.ConnectError, httpx2.TimeoutException, OfflineModeIsEnabled) as exc:
+            except _unreachable_errors() as exc:
                 # What snapshot_download itself does when the Hub is unreachable: use the cache.
                 log.warning("hub unreachable, trying the cache", repo_id=name, error=str(exc))
         if files is None:

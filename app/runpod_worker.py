@@ -11,6 +11,16 @@ A job's input names the route and the request body, in either of two shapes:
     {"openai_route": "/v1/chat/completions", "openai_input": {...}}   (RunPod's OpenAI-compatible
                                                                        endpoint, as worker-vllm takes it)
 
+or as RunPod's vLLM worker (worker-vllm) takes a plain job, which RunPod's console offers as sample:
+
+    {"prompt": "...", "sampling_params": {...}, "stream": false, "apply_chat_template": false}
+    {"messages": [...], "sampling_params": {...}, "stream": false}
+
+A prompt is a completion (a chat message with `apply_chat_template`), messages a chat, both for the
+served model; `sampling_params` are vLLM's (its OpenAI routes take the same names), `max_tokens` 16
+unless given, as vLLM's SamplingParams has it. Their output is worker-vllm's too: items of
+`{"choices": [{"tokens": ["text", ...]}, ...], "usage": {"input": N, "output": M}}`.
+
 Output: the API's JSON response. With `"stream": true` in the body, the job streams: each item is a
 string of one or more complete SSE events exactly as the API sent them (`data: {...}\\n\\n`, the last
 `data: [DONE]\\n\\n`), which is what RunPod's OpenAI-compatible endpoint relays; concatenated, the
@@ -73,6 +83,92 @@ def parse_job(job_input: Any) -> tuple[str, str, dict | None]:
     return method, route, body
 
 
+def is_worker_vllm_job(job_input: Any) -> bool:
+    """A plain worker-vllm job (prompt or messages), not a routed one."""
+    return (
+        isinstance(job_input, dict)
+        and ("prompt" in job_input or "messages" in job_input)
+        and not ({"route", "openai_route"} & job_input.keys())
+    )
+
+
+# vLLM's SamplingParams default, which worker-vllm's plain jobs get when they name no max_tokens.
+WORKER_VLLM_MAX_TOKENS = 16
+
+
+def worker_vllm_request(job_input: dict, model: str) -> tuple[str, str, dict]:
+    """(method, route, body) of the OpenAI request that answers a worker-vllm job."""
+    params = job_input.get("sampling_params") or {}
+    if not isinstance(params, dict):
+        raise JobError("sampling_params must be an object of vLLM sampling parameters")
+    messages = job_input.get("messages")
+    prompt = job_input.get("prompt")
+    if messages is not None:
+        if not isinstance(messages, list):
+            raise JobError("messages must be a list of chat messages")
+    elif not isinstance(prompt, str):
+        raise JobError("prompt must be a string (or send messages, a list of chat messages)")
+    elif job_input.get("apply_chat_template"):
+        messages = [{"role": "user", "content": prompt}]
+    body: dict[str, Any] = {"max_tokens": WORKER_VLLM_MAX_TOKENS, **params, "model": model}
+    if messages is not None:
+        route, body["messages"] = "/v1/chat/completions", messages
+    else:
+        route, body["prompt"] = "/v1/completions", prompt
+    if job_input.get("stream"):
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return "POST", route, body
+
+
+class WorkerVllmOutput:
+    """The API's answers turned into worker-vllm's output items, choice by choice."""
+
+    def __init__(self) -> None:
+        self.texts: dict[int, list[str]] = {}
+
+    def _add(self, answer: dict) -> dict | None:
+        for choice in answer.get("choices") or []:
+            part = choice.get("text")
+            if part is None:
+                holder = choice.get("message") or choice.get("delta") or {}
+                part = holder.get("content")
+            if part:
+                self.texts.setdefault(int(choice.get("index", 0)), []).append(part)
+        usage = answer.get("usage")
+        return (
+            {"input": usage.get("prompt_tokens"), "output": usage.get("completion_tokens")} if usage else None
+        )
+
+    def _item(self, usage: dict | None, n: int = 0) -> dict:
+        n = max(n, max(self.texts, default=-1) + 1)
+        item: dict[str, Any] = {"choices": [{"tokens": self.texts.get(i, [])} for i in range(n)]}
+        if usage:
+            item["usage"] = usage
+        self.texts = {}
+        return item
+
+    def whole(self, answer: dict) -> dict:
+        """A non-streamed answer: one item, one text per choice."""
+        usage = self._add(answer)
+        item = self._item(usage, len(answer.get("choices") or []))
+        for choice in item["choices"]:
+            choice["tokens"] = ["".join(choice["tokens"])]
+        return item
+
+    def events(self, raw: bytes) -> list[dict]:
+        """A batch of SSE events: one item with the new text of each choice (none if no text), and
+        the engine's error event as the job's error, as worker-vllm yields it."""
+        usage, errors = None, []
+        for line in raw.splitlines():
+            if line.startswith(b"data: {"):
+                event = orjson.loads(line[6:])
+                if "error" in event:
+                    errors.append({"error": event["error"]})
+                usage = self._add(event) or usage
+        return ([self._item(usage)] if (self.texts or usage) else []) + errors
+
+
 def split_events(buffer: bytes) -> tuple[bytes, bytes]:
     """(complete SSE events, rest) of what has arrived so far."""
     end = max(buffer.rfind(b"\n\n"), buffer.rfind(b"\r\n\r\n"))
@@ -86,8 +182,9 @@ def _error(message: str, status: int = 400) -> dict:
     return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": status}}
 
 
-def make_handler(base_url: str, api_key: str | None = None, read_timeout: float = 600.0):
-    """The job handler: an async generator forwarding each job to the API at `base_url`."""
+def make_handler(base_url: str, api_key: str | None = None, read_timeout: float = 600.0, model: str = ""):
+    """The job handler: an async generator forwarding each job to the API at `base_url`; `model`
+    is the served model, for worker-vllm's plain jobs (which name none)."""
     base_url = base_url.rstrip("/")
     sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
 
@@ -103,8 +200,13 @@ def make_handler(base_url: str, api_key: str | None = None, read_timeout: float 
         return found
 
     async def handler(job: dict) -> AsyncIterator[Any]:
+        job_input = job.get("input")
+        plain = WorkerVllmOutput() if is_worker_vllm_job(job_input) else None
         try:
-            method, route, body = parse_job(job.get("input"))
+            if plain is not None:
+                method, route, body = worker_vllm_request(job_input, model)
+            else:
+                method, route, body = parse_job(job_input)
         except JobError as exc:
             yield _error(str(exc))
             return
@@ -122,10 +224,13 @@ def make_handler(base_url: str, api_key: str | None = None, read_timeout: float 
             if not (stream and is_sse and resp.status == 200):
                 raw = await resp.read()
                 try:
-                    yield orjson.loads(raw)
+                    answer = orjson.loads(raw)
                 except orjson.JSONDecodeError:
                     text = raw.decode("utf-8", "replace")
                     yield _error(text, resp.status) if resp.status >= 400 else text
+                    return
+                ok = plain is not None and resp.status == 200 and isinstance(answer, dict)
+                yield plain.whole(answer) if ok else answer  # type: ignore[union-attr]
                 return
             pending = b""
             while True:
@@ -133,10 +238,16 @@ def make_handler(base_url: str, api_key: str | None = None, read_timeout: float 
                 if not chunk:
                     break
                 events, pending = split_events(pending + chunk)
-                if events:
+                if events and plain is None:
                     yield events.decode("utf-8", "replace")
-            if pending.strip():
+                elif events:
+                    for item in plain.events(events):  # type: ignore[union-attr]
+                        yield item
+            if pending.strip() and plain is None:
                 yield pending.decode("utf-8", "replace")
+            elif pending.strip():
+                for item in plain.events(pending):  # type: ignore[union-attr]
+                    yield item
 
     return handler
 
@@ -221,6 +332,7 @@ class Worker:
                         ).decode()
                         or None,
                         read_timeout=s.UPSTREAM_FIRST_BYTE_TIMEOUT,
+                        model=s.served_model_name,
                     ),
                     "concurrency_modifier": lambda _current: s.RUNPOD_MAX_CONCURRENCY,
                     "return_aggregate_stream": True,

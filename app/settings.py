@@ -303,6 +303,45 @@ class Settings(BaseSettings):
         5, ge=0, description="LOG_FILE: rotated files kept (`LOG_FILE.1` is the newest)."
     )
 
+    # --- Image and host (issue 13) -------------------------------------------------------------
+    BAKED_MODELS_CACHE: Path | None = Field(
+        None,
+        description="Hugging Face cache (its hub folder) of the models baked into the image at build "
+        "time (`BAKE_MODEL`; the image sets /models/hub): looked in first, without network, so a "
+        "volume mounted on /data (HF_HOME) cannot hide a baked model.",
+    )
+    USAGE_STATS: bool = Field(
+        False,
+        description="Let vLLM send its anonymous usage statistics to stats.vllm.ai (vLLM's own default "
+        "is on). Off: the engine is started with `VLLM_NO_USAGE_STATS=1` and `DO_NOT_TRACK=1`, unless "
+        "you set those yourself.",
+    )
+    CUDA_VERSION: str | None = Field(
+        None,
+        description="The image's CUDA version, set by its base image (nvidia/cuda, NGC): at start the "
+        "GPU check compares it with the newest CUDA the host's driver runs (NVML) and stops with one "
+        "line if the driver is older. Not meant to be set by hand.",
+    )
+    VLLM_ENABLE_CUDA_COMPATIBILITY: str | None = Field(
+        None,
+        description="vLLM's own switch (`1` or `true`, passed to the engine as set): run a newer CUDA "
+        "than the driver's through the image's CUDA forward-compatibility libraries (data-centre "
+        "GPUs only); the GPU check then warns instead of stopping.",
+    )
+
+    ENGINE_FLAGS_FILE: Path | None = Field(
+        None,
+        description="ENGINE=vllm: the flags the installed vLLM accepts, written from its own argument "
+        "parser when the image is built (`python -m app.engines.vllm_flags`; the image sets "
+        "/app/vllm-flags.json). Flags the launcher derives from settings that this vLLM lacks are "
+        "left out and named in one warning. Unset: no check.",
+    )
+
+    @property
+    def cuda_compat(self) -> bool:
+        """VLLM_ENABLE_CUDA_COMPATIBILITY as vLLM reads it (vllm/envs.py): "1" or "true" only."""
+        return (self.VLLM_ENABLE_CUDA_COMPATIBILITY or "").strip().lower() in ("1", "true")
+
 
 def load_settings() -> Settings | None:
     """Settings from the environment; on invalid values, one line per problem on stderr and None

@@ -6,6 +6,10 @@ a download. The Hugging Face token comes from a BuildKit secret file, never from
     docker build --secret id=hf_token,env=HF_TOKEN --build-arg BAKE_MODEL=Qwen/Qwen2-VL-7B-Instruct .
 
     python scripts/bake_model.py MODEL_ID [--revision REV] [--token-file /run/secrets/hf_token]
+                                 [--cache-dir /models/hub]
+
+The image bakes into /models/hub, outside its /data volume, and the launcher looks there first
+(BAKED_MODELS_CACHE), so a volume mounted on /data cannot hide the baked model.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--token-file", type=Path, default=Path("/run/secrets/hf_token"))
+    parser.add_argument("--cache-dir", default=None, help="HF cache (hub folder); default: HF_HOME's")
     args = parser.parse_args(argv)
 
     from app.logs import configure_logging
@@ -31,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("INFO", "console")
     token = args.token_file.read_text().strip() if args.token_file.is_file() else None
     try:
-        model = resolve_model(args.model, revision=args.revision or None, token=token or None)
+        model = resolve_model(
+            args.model, revision=args.revision or None, token=token or None, cache_dir=args.cache_dir
+        )
     except ModelError as exc:
         print(f"bake_model.py: {exc}", file=sys.stderr)
         return 1

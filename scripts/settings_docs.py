@@ -20,15 +20,24 @@ README = ROOT / "README.md"
 BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
 
 
+ENV_EXAMPLE_HEAD = """\
+# Every setting the image reads, with the app's default, each line commented out: copied to .env
+# (`cp .env.example .env`), this file changes nothing, so the image's own defaults (the ENV block of
+# its Dockerfile: HF_HOME, the model card's engine settings, ENGINE=trtllm in the -trtllm image)
+# stand. To set one, remove the `#` in front of its name and give it a value. Uncomment nothing you
+# leave empty: `HF_HOME=` still sets the variable, to "", over the image's default (the app reads ""
+# as unset, libraries such as huggingface_hub do not). Generated from app/settings.py by
+# scripts/settings_docs.py.
+"""
+
+
 def env_example() -> str:
-    lines = [
-        "# Every setting the image reads, with its default. Empty means unset: the engine's own",
-        "# default stands. Generated from app/settings.py by scripts/settings_docs.py.",
-        "",
-    ]
+    """Every setting as `#NAME=default` (no space: uncommenting removes one character, and a
+    description that starts with `NAME=...` is never read as a setting), under `# description`."""
+    lines = [ENV_EXAMPLE_HEAD]
     for name, field in Settings.model_fields.items():
         lines.append(f"# {field.description}")
-        lines.append(f"{name}={field_default_text(name)}")
+        lines.append(f"#{name}={field_default_text(name)}")
         lines.append("")
     return "\n".join(lines)
 

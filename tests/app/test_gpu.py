@@ -1,15 +1,18 @@
 from types import SimpleNamespace
 
-from app.gpu import GpuCollector, GpuReport, check_device, probe
+import pytest
+
+from app.gpu import GpuCollector, GpuReport, check_cuda, check_device, cuda_version, probe
 
 
 class FakeNVML:
     """Stands in for pynvml: this machine has no NVIDIA driver to ask."""
 
-    def __init__(self, gpus=(), fail_init=None):
+    def __init__(self, gpus=(), fail_init=None, cuda=12040, driver="550.54.15"):
         self.gpus = list(gpus)
         self.fail_init = fail_init
         self.shutdown = False
+        self.cuda, self.driver = cuda, driver
 
     def nvmlInit(self):
         if self.fail_init:
@@ -19,10 +22,10 @@ class FakeNVML:
         self.shutdown = True
 
     def nvmlSystemGetDriverVersion(self):
-        return "550.54.15"
+        return self.driver
 
     def nvmlSystemGetCudaDriverVersion(self):
-        return 12040
+        return self.cuda
 
     def nvmlDeviceGetCount(self):
         return len(self.gpus)
@@ -115,3 +118,45 @@ def test_gpu_collector_yields_nothing_without_nvml():
     registry = CollectorRegistry()
     registry.register(GpuCollector("vllm_api"))  # the real pynvml: no NVIDIA driver on this machine
     assert b"vllm_api_gpu" not in generate_latest(registry)
+
+
+H100 = [{"name": "NVIDIA H100 80GB HBM3", "mib": 81559}]
+
+
+def test_a_driver_older_than_the_image_s_cuda_is_one_line_naming_both_and_the_fixes():
+    # A 570 driver (CUDA 12.8) under vllm/vllm-openai's CUDA 13 build (the base image's CUDA_VERSION).
+    report = probe(FakeNVML(H100, cuda=12080, driver="570.172.08"))
+    message, fatal = check_cuda(report, "13.0.1")
+    assert fatal and "\n" not in message
+    assert "570.172.08" in message and "CUDA up to 12.8" in message and "CUDA 13.0" in message
+    assert "580 or newer" in message and "VLLM_CUDA_VARIANT=-cu129" in message
+    # The TensorRT-LLM image has no -cu129 base: its fix is another release.
+    message, fatal = check_cuda(report, "13.0.1.012", engine="trtllm")
+    assert fatal and "TRTLLM_VERSION" in message and "cu129" not in message
+
+
+@pytest.mark.parametrize(
+    ("driver_cuda", "image_cuda"),
+    [
+        (13000, "13.0.1"),
+        (13010, "13.0.1"),
+        (12080, "12.8.1"),
+        (12090, "12.8.0.038"),
+        (12080, None),
+        (12080, ""),
+    ],
+)
+def test_a_driver_at_or_above_the_image_s_cuda_or_an_unknown_image_cuda_passes(driver_cuda, image_cuda):
+    assert check_cuda(probe(FakeNVML(H100, cuda=driver_cuda)), image_cuda) is None
+
+
+def test_vllm_s_cuda_compatibility_switch_turns_the_refusal_into_a_warning():
+    report = probe(FakeNVML(H100, cuda=12080))
+    message, fatal = check_cuda(report, "13.0.1", compat=True)
+    assert not fatal and "VLLM_ENABLE_CUDA_COMPATIBILITY=1" in message
+    assert check_cuda(report, "13.0.1", engine="trtllm", compat=True)[1]  # vLLM's switch only
+
+
+def test_cuda_versions_are_read_as_images_and_nvml_write_them():
+    assert cuda_version("13.0.1") == (13, 0) and cuda_version("12.8.0.038") == (12, 8)
+    assert cuda_version("12.10") == (12, 10) and cuda_version("12") is None and cuda_version(None) is None

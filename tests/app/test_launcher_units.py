@@ -3,12 +3,14 @@ load-balancing endpoints, and the engine's preparation (options files, unmapped 
 
 import asyncio
 import json
+import os
+import subprocess
 import sys
 
 import httpx
 
 from app.engines.trtllm import options_path
-from app.launcher import Launcher
+from app.launcher import Launcher, engine_env
 from app.runtime import Phase
 from app.settings import Settings
 from inproc import LOGS
@@ -101,3 +103,61 @@ def test_vllm_needs_no_files_and_reports_nothing():
     before = len(LOGS.records())
     assert Launcher(s)._prepare_engine([sys.executable])
     assert not any(r.get("level") in ("warning", "error") for r in LOGS.records()[before:])
+
+
+# --- usage statistics (issue 13) ------------------------------------------------------------------
+# vLLM's own rule (vllm/usage/usage_lib.py is_usage_stats_enabled): off when VLLM_NO_USAGE_STATS,
+# VLLM_DO_NOT_TRACK or DO_NOT_TRACK says so, read through vllm/envs.py, loaded alone (importing the
+# vllm package would take seconds).
+VLLM_SAYS = """
+import importlib.util, os, sys
+spec = importlib.util.spec_from_file_location(
+    "vllm_envs", os.path.join(os.path.dirname(importlib.util.find_spec("vllm").origin), "envs.py"))
+envs = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(envs)
+print("on" if not (envs.VLLM_DO_NOT_TRACK or envs.VLLM_NO_USAGE_STATS) else "off")
+"""
+
+
+def _vllm_usage_stats(env: dict[str, str]) -> str:
+    result = subprocess.run([sys.executable, "-c", VLLM_SAYS], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_the_engine_sends_no_usage_statistics_unless_usage_stats_is_on(tmp_path):
+    base = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}  # no ~/.config/vllm/do_not_track
+    assert _vllm_usage_stats(base) == "on"  # vLLM's own default, which the image changes
+    off = engine_env(base)
+    assert off["VLLM_NO_USAGE_STATS"] == "1" and off["DO_NOT_TRACK"] == "1"
+    assert _vllm_usage_stats(off) == "off"
+    assert _vllm_usage_stats(engine_env(base, usage_stats=True)) == "on"
+    # A user's own setting of vLLM's variables stands.
+    assert _vllm_usage_stats(engine_env({**base, "VLLM_NO_USAGE_STATS": "0", "DO_NOT_TRACK": "0"})) == "on"
+    assert Settings(MODEL_NAME="m").USAGE_STATS is False
+
+
+# --- the drain's last word (issue 13: a run at load 13 had no `drained`) ------------------------
+# It had `drain cut short`: the stream outlasted DRAIN_TIMEOUT. Both endings are logged, each once.
+
+
+def _drain(settings: Settings, finish_after: float | None) -> list[dict]:
+    launcher = Launcher(settings)
+    before = len(LOGS.records())
+
+    async def run():
+        launcher.runtime.request_started()
+        if finish_after is not None:
+            asyncio.get_running_loop().call_later(finish_after, launcher.runtime.request_finished)
+        assert await launcher._drain() == 0
+
+    asyncio.run(run())
+    return [r for r in LOGS.records()[before:] if r.get("event", "").startswith(("drain", "draining"))]
+
+
+def test_a_drain_says_how_it_ended_drained_or_cut_short_with_what_was_left():
+    done = _drain(Settings(MODEL_NAME="m", DRAIN_TIMEOUT=5), finish_after=0.05)
+    assert [r["event"] for r in done] == ["draining", "drained"]
+    cut = _drain(Settings(MODEL_NAME="m", DRAIN_TIMEOUT=0.05), finish_after=None)
+    assert [r["event"] for r in cut] == ["draining", "drain cut short"]
+    assert cut[1]["in_flight"] == 1 and cut[1]["drain_timeout_s"] == 0.05 and cut[1]["level"] == "warning"

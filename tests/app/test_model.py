@@ -8,8 +8,14 @@ calls huggingface_hub makes; the client code itself is the real one.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import structlog
 from structlog.testing import capture_logs
@@ -17,7 +23,7 @@ from structlog.testing import capture_logs
 from app import model
 from app.model import ModelError, ignore_patterns, resolve_model
 from fake_hub import FakeHub
-from stack import free_port
+from stack import ROOT, free_port
 
 REPO = "org/tiny"
 FILES = {
@@ -34,15 +40,19 @@ FILES = {
 def isolated_hf(monkeypatch, tmp_path):
     """No token, offline flag or telemetry from the machine running the tests leaks in."""
     import huggingface_hub.constants as constants
-    from huggingface_hub.utils import _detect_agent
 
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    # Otherwise the first request's user agent asks huggingface.co itself for a list of agents.
+    # Otherwise the first request's user agent asks huggingface.co itself for a list of agents (2.x).
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    monkeypatch.setattr(_detect_agent, "_registry", _detect_agent._EMPTY_REGISTRY)
+    try:
+        from huggingface_hub.utils import _detect_agent
+    except ImportError:  # hub 0.x and 1.x have no agent registry
+        pass
+    else:
+        monkeypatch.setattr(_detect_agent, "_registry", _detect_agent._EMPTY_REGISTRY)
 
 
 @pytest.fixture
@@ -213,6 +223,10 @@ def test_offline_with_empty_cache(hub, cache):
 def test_offline_with_incomplete_cache(hub, cache):
     online = download(hub, cache)
     (Path(online.path) / "model.safetensors").unlink()
+    if not hasattr(huggingface_hub, "get_cached_repo_tree"):
+        # Hub 0.x caches no file listing, so it cannot tell a partial snapshot (the engine will).
+        assert download(hub, cache, offline=True).path == online.path
+        return
     with pytest.raises(ModelError, match="only partly in the cache"):
         download(hub, cache, offline=True)
 
@@ -232,3 +246,72 @@ def test_unreachable_hub_falls_back_to_the_cache(hub, cache, logs):
 def test_unreachable_hub_and_empty_cache(cache):
     with pytest.raises(ModelError, match="not in the cache and the Hub cannot be reached"):
         resolve_model(REPO, endpoint=_closed_port_url(), cache_dir=cache)
+
+
+# --- a model baked into the image (issue 13) ----------------------------------------------------
+
+
+def test_a_baked_model_is_found_under_an_empty_volume_without_the_hub(hub, cache, tmp_path, logs):
+    baked = str(tmp_path / "models" / "hub")  # the image's /models/hub, outside the volume on /data
+    built = download(hub, baked)
+    seen = len(hub.requests)
+    # At run time a fresh volume is mounted on HF_HOME (empty cache) and the Hub is unreachable.
+    resolved = resolve_model(REPO, endpoint=_closed_port_url(), cache_dir=cache, baked_cache=baked)
+    assert (resolved.source, resolved.path) == ("baked", built.path)
+    assert len(hub.requests) == seen and not Path(cache).exists()
+    # Another model is not baked: the HF cache and the Hub as before.
+    hub.add_repo("org/other", FILES)
+    other = resolve_model("org/other", endpoint=hub.url, cache_dir=cache, baked_cache=baked)
+    assert other.source == "hub" and Path(other.path).is_relative_to(Path(cache).resolve())
+
+
+# --- an HF cache the container's user cannot write (issue 13) -----------------------------------
+# As root (tests and CI run as root) mode bits do not stop a write, so the check runs as the image's
+# user (uid 10001, gid 0) through setpriv, against a root-owned 0755 folder: RunPod's volumes.
+
+CHECK = """
+import sys
+from app.model import ModelError, check_cache_writable
+try:
+    check_cache_writable(sys.argv[1])
+except ModelError as exc:
+    print(exc)
+    sys.exit(1)
+"""
+
+
+def _check_as_image_user(cache: Path) -> subprocess.CompletedProcess:
+    if os.geteuid() == 0:
+        argv = ["setpriv", "--reuid=10001", "--regid=0", "--clear-groups", sys.executable]
+    else:
+        argv = [sys.executable]
+    return subprocess.run(
+        [*argv, "-c", CHECK, str(cache)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.fixture
+def root_owned_dir():
+    path = Path(tempfile.mkdtemp(prefix="volume-"))
+    path.chmod(0o755)  # as RunPod creates it: root's, readable by all, writable by root only
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+    yield path
+    path.chmod(0o755)
+    shutil.rmtree(path)
+
+
+def test_an_unwritable_cache_is_one_sentence_with_the_fix(root_owned_dir):
+    result = _check_as_image_user(root_owned_dir / "huggingface" / "hub")
+    assert result.returncode == 1, result.stdout + result.stderr
+    message = result.stdout.strip()
+    assert "\n" not in message and "is not writable by this container's user" in message
+    assert str(root_owned_dir / "huggingface" / "hub") in message
+    assert "chown -R 10001:0" in message and "HF_HOME" in message and "-runpod" in message
+
+
+def test_a_writable_cache_passes(root_owned_dir):
+    writable = root_owned_dir / "hub"
+    writable.mkdir()
+    writable.chmod(0o777)
+    assert _check_as_image_user(writable).returncode == 0

@@ -87,7 +87,8 @@ def test_bases_are_pinned_and_the_vllm_pin_is_the_version_the_tests_run():
     froms = [rest for word, rest in instructions(DOCKERFILE) + instructions(TRTLLM) if word == "FROM"]
     assert froms == [
         "${PYTHON_IMAGE} AS cpu",
-        "vllm/vllm-openai:${VLLM_VERSION} AS vllm",
+        "vllm/vllm-openai:${VLLM_VERSION}${VLLM_CUDA_VARIANT} AS vllm",
+        "vllm AS runpod",
         "nvcr.io/nvidia/tensorrt-llm/release:${TRTLLM_VERSION} AS trtllm",
     ]
 
@@ -107,7 +108,6 @@ def test_each_image_is_built_the_way_the_issue_asks(path, stage):
     assert [rest for w, rest in steps if w == "USER"] == ["10001"] and words.index("USER") > first_install
     assert ("VOLUME", '["/data"]') in steps and env_of(steps)["HF_HOME"] == "/data/huggingface"
     if stage != "cpu":
-        assert env_of(steps)["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
         start_period = re.search(r"--start-period=(\d+)s", dict(steps)["HEALTHCHECK"]).group(1)
         assert int(start_period) >= 3600  # a 70B download
 
@@ -151,3 +151,55 @@ def test_the_cpu_target_and_make_venv_run_the_same_install_script():
     assert "scripts/install-cpu-engine.sh $(PY)" in makefile
     assert "pip install" not in makefile  # no second copy of the steps
     assert any("scripts/tiny_models.py" in r for r in cpu_runs)
+
+
+# --- issue 13 -------------------------------------------------------------------------------------
+
+
+def test_the_cuda_12_9_base_is_one_build_argument_and_cuda_13_the_default():
+    args = args_before_from(DOCKERFILE)
+    assert args["VLLM_CUDA_VARIANT"] == '""'  # vllm/vllm-openai:<version>, CUDA 13
+    # vLLM publishes each release's CUDA 12.9 build as <version>-cu129 (e.g. v0.21.0-cu129).
+    base = stages_from(DOCKERFILE)["vllm"].replace("${VLLM_VERSION}", "v0.32.0")
+    assert base.replace("${VLLM_CUDA_VARIANT}", "-cu129") == "vllm/vllm-openai:v0.32.0-cu129"
+    assert base.replace("${VLLM_CUDA_VARIANT}", "") == "vllm/vllm-openai:v0.32.0"
+    for doc in ("QUICKSTART.md", "README.md"):
+        text = (ROOT / doc).read_text()
+        assert "VLLM_CUDA_VARIANT=-cu129" in text and "580" in text and "575" in text, doc
+
+
+def stages_from(path) -> dict[str, str]:
+    """Each stage's base, by stage name."""
+    return {
+        rest.split(" AS ")[-1]: rest.split(" AS ")[0] for word, rest in instructions(path) if word == "FROM"
+    }
+
+
+def test_no_image_sets_the_expandable_segments_allocator():
+    for path in (DOCKERFILE, TRTLLM):
+        for stage, steps in stages(path).items():
+            assert "PYTORCH_CUDA_ALLOC_CONF" not in env_of(steps), (path.name, stage)
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in (ROOT / "QUICKSTART.md").read_text()
+
+
+def test_a_baked_model_lives_outside_the_volume_and_the_launcher_looks_there():
+    steps = stages(DOCKERFILE)["vllm"]
+    volumes = [v.strip('[]" ') for w, rest in steps if w == "VOLUME" for v in rest.split(",")]
+    bake = next(rest for w, rest in steps if w == "RUN" and "bake_model.py" in rest)
+    cache = re.search(r"--cache-dir (\S+?);?(\s|$)", bake).group(1)
+    assert volumes == ["/data"] and not any(cache == v or cache.startswith(v + "/") for v in volumes)
+    assert env_of(steps)["BAKED_MODELS_CACHE"] == cache
+
+
+def test_the_runpod_variant_is_the_vllm_image_running_as_root():
+    steps = stages(DOCKERFILE)["runpod"]
+    assert stages_from(DOCKERFILE)["runpod"] == "vllm"
+    assert steps == [("USER", "0")]
+
+
+def test_the_vllm_image_lists_its_vllm_s_flags_where_the_launcher_reads_them():
+    steps = stages(DOCKERFILE)["vllm"]
+    run_at = next(i for i, (w, rest) in enumerate(steps) if w == "RUN" and "app.engines.vllm_flags" in rest)
+    listed = re.search(r"app\.engines\.vllm_flags (\S+)", steps[run_at][1]).group(1)
+    assert steps.index(("COPY", "app/ app/")) < run_at
+    assert env_of(steps)["ENGINE_FLAGS_FILE"] == listed

@@ -69,3 +69,13 @@ def test_serverless_templates_pick_their_mode():
     assert lb["volumeInGb"] == queue["volumeInGb"] == 0
     assert f"{lb['env']['PORT']}/http" in lb["ports"] and f"{lb['env']['PORT_HEALTH']}/http" in lb["ports"]
     assert queue["env"]["RUNPOD_MODE"] == "queue" and "RUNPOD_MODE" not in lb["env"]
+
+
+def test_templates_run_the_root_variant_and_name_the_cuda_filter():
+    """RunPod's volumes are root-owned: the -runpod image (Dockerfile target runpod) runs as root.
+    The images are CUDA 13 builds: each template says which hosts to allow."""
+    for path in TEMPLATES:
+        template = json.loads(path.read_text())
+        assert template["imageName"].endswith("-runpod"), path.name
+        assert "CUDA 13.0 or newer" in template["readme"] or "13.0 and newer" in template["readme"], path.name
+    assert "524" in load("serverless-lb-template.json")["readme"]

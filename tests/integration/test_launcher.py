@@ -2,14 +2,19 @@
 under load, the engine dying."""
 
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from stack import Stack
+from stack import ROOT, Stack, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -57,6 +62,44 @@ def test_a_model_that_cannot_be_had_exits_1_saying_why(stack_logs, tmp_path, mod
     assert stack.wait_exit(30) == 1
     errors = _error_lines(stack)
     assert len(errors) == 1 and message in errors[0]["event"]
+    _no_traceback(stack)
+
+
+def test_an_hf_cache_the_image_user_cannot_write_exits_1_before_any_download(stack_logs):
+    """RunPod's volumes are root-owned and the image runs as uid 10001: the real launcher, run as
+    that user (setpriv, when the tests run as root), against a root-owned 0755 folder as HF_HOME.
+    It is started as start.sh would exec it (`python -m app.launcher`): start.sh, as that user,
+    could not run this machine's venv interpreter, which lives under root's home."""
+    volume = Path(tempfile.mkdtemp(prefix="volume-"))
+    volume.chmod(0o755 if os.geteuid() == 0 else 0o555)
+    stack = Stack(
+        stack_logs,
+        "cache-unwritable",
+        MODEL_NAME="someorg/some-model",
+        HF_HOME=str(volume / "huggingface"),
+        HF_HUB_OFFLINE="0",
+        HF_ENDPOINT=f"http://127.0.0.1:{free_port()}",  # nothing there: no download could start
+    )
+    as_user = ["setpriv", "--reuid=10001", "--regid=0", "--clear-groups"] if os.geteuid() == 0 else []
+    try:
+        with open(stack.log_path, "wb") as out:
+            code = subprocess.run(
+                [*as_user, sys.executable, "-m", "app.launcher"],
+                cwd=ROOT,
+                env=stack.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=60,
+            ).returncode
+    finally:
+        volume.chmod(0o755)
+        shutil.rmtree(volume)
+    assert code == 1, stack.tail()
+    errors = _error_lines(stack)
+    assert len(errors) == 1 and "is not writable by this container's user (uid 10001" in errors[0]["event"]
+    assert not any(
+        r.get("event") in ("downloading model", "hub unreachable, trying the cache") for r in stack.records()
+    )
     _no_traceback(stack)
 
 
@@ -110,6 +153,10 @@ def test_sigterm_lets_the_stream_finish_refuses_new_requests_and_exits_0(stack_l
         MODEL_NAME=str(tiny_models["text"]),
         SERVED_MODEL_NAME="m",
         MAX_MODEL_LEN="4096",
+        # The drain must outlast the stream whatever the machine's load: at load 7-13 on two cores
+        # vLLM makes 7-20 tokens/s, and with the default 60 s a long stream outlasts the drain, which
+        # then ends "cut short" (the stream finishing, or not, in the server's 5 s grace).
+        DRAIN_TIMEOUT="600",
     ).start(wait=False)
     # While the engine loads, RunPod's /ping says 204 and requests get 503 with Retry-After.
     seen, deadline = set(), time.monotonic() + 180
@@ -128,18 +175,24 @@ def test_sigterm_lets_the_stream_finish_refuses_new_requests_and_exits_0(stack_l
     assert {204, 200} <= seen
 
     out: dict = {}
-    thread = _long_stream(stack, out)
+    # Long enough to be in flight through the checks below (a few seconds on an idle machine; the
+    # `draining` record shows it was), short enough for a loaded one (~40 s at 15 tokens/s).
+    tokens = 600
+    thread = _long_stream(stack, out, max_tokens=tokens)
     stack.signal(signal.SIGTERM)
     time.sleep(0.3)
     refused = httpx.post(stack.url + "/v1/completions", json={"model": "m", "prompt": "x"}, timeout=5)
     assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
     assert httpx.get(stack.url + "/health", timeout=5).status_code == 503
-    thread.join(60)
+    thread.join(600)
     assert stack.wait_exit(60) == 0
     assert out["status"] == 200 and "exc" not in out
     data = [line for line in out["lines"] if line.startswith("data: {")]
-    assert len(data) >= 2500 * 0.5 and out["lines"][-1] == "data: [DONE]"
+    assert len(data) >= tokens * 0.5 and out["lines"][-1] == "data: [DONE]"
     events = [r.get("event") for r in stack.records()]
+    drain = [r for r in stack.records() if r.get("event") in ("draining", "drained", "drain cut short")]
+    assert drain[0]["event"] == "draining" and drain[0]["in_flight"] == 1, drain
+    assert "drained" in events, drain
     assert events.index("draining") < events.index("drained") < events.index("engine stopped")
 
 

@@ -49,6 +49,28 @@ def test_a_chat_job_in_either_shape_is_answered_through_the_proxy(text_stack):
     assert models[0]["data"][0]["id"] == "tiny-text"
 
 
+def test_worker_vllm_s_plain_jobs_are_answered_in_its_output_shape(text_stack):
+    """RunPod's console offers `{"input": {"prompt": ...}}` as sample input, worker-vllm's shape."""
+    handler = make_handler(text_stack.url, model="tiny-text")
+    sample = run_job(handler, {"id": "job-plain-prompt", "input": {"prompt": "Hello World"}})
+    assert len(sample) == 1 and len(sample[0]["choices"]) == 1
+    assert isinstance(sample[0]["choices"][0]["tokens"][0], str)
+    assert sample[0]["usage"]["output"] == 16  # vLLM's SamplingParams default, as worker-vllm gets it
+    assert text_stack.request_log("job-plain-prompt")["path"] == "/v1/completions"
+    chat = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "sampling_params": {"max_tokens": 6, "ignore_eos": True},
+    }
+    streamed = run_job(handler, {"id": "job-plain-chat", "input": {**chat, "stream": True}})
+    assert streamed and all(set(item) <= {"choices", "usage"} for item in streamed)
+    assert streamed[-1]["usage"]["output"] == 6
+    whole = run_job(handler, {"id": "job-plain-chat-2", "input": chat})
+    assert (
+        whole[0]["usage"]["output"] == 6
+        and text_stack.request_log("job-plain-chat-2")["path"] == "/v1/chat/completions"
+    )
+
+
 def test_a_stream_job_yields_the_apis_events_batched_and_complete(text_stack):
     body = {**CHAT, "max_tokens": 40, "stream": True, "stream_options": {"include_usage": True}}
     items = run_job(
