@@ -241,6 +241,7 @@ def parse(argv: list[str] | None = None, env: dict[str, str] | None = None) -> O
     given = vars(build_parser().parse_args(argv))
     values = from_yaml(given.pop("config")) if "config" in given else {}
     values.update(given)
+    values = {key: value for key, value in values.items() if value != ""}  # empty means unset
     if not values.get("api_key") and env and env.get("OPENAI_API_KEY"):
         values["api_key"] = env["OPENAI_API_KEY"]
     try:
