@@ -73,8 +73,19 @@ def _http_error(status: int, raw: bytes) -> str:
     except orjson.JSONDecodeError:
         message = None
     if message is None:
-        message = raw.decode("utf-8", "replace").strip()[:300] or "(empty body)"
-    return f"HTTP {status}: {message}"
+        message = raw.decode("utf-8", "replace")[:300] or "(empty body)"
+    return f"HTTP {status}: {' '.join(message.split())}"  # one line, whatever the body's layout
+
+
+def _single_content(obj: Any) -> str | None:
+    """The text of a one-choice chat chunk (nearly every event of a stream), or None: then
+    `has_generated_output` decides (reasoning, tool calls, several choices, other APIs)."""
+    choices = obj.get("choices") if type(obj) is dict else None
+    if type(choices) is list and len(choices) == 1 and type(choice := choices[0]) is dict:
+        delta = choice.get("delta")
+        if type(delta) is dict and type(content := delta.get("content")) is str and content:
+            return content
+    return None
 
 
 class Client:
@@ -181,6 +192,8 @@ class Client:
         return result
 
     async def _read_stream(self, resp: aiohttp.ClientResponse, start: float, result: Result) -> None:
+        # Per event: one JSON parse and a few dict lookups; the usage and error checks run only on
+        # events that name them (a substring test costs far less than the lookups).
         parser = SSEParser()
         done = False
         content_events = 0
@@ -188,28 +201,29 @@ class Client:
         async for chunk in resp.content.iter_any():
             arrived = time.perf_counter()
             for event in parser.feed(chunk):
-                if event.data == "[DONE]":
+                data = event.data
+                if data == b"[DONE]":
                     done = True
                     continue
                 try:
-                    obj = orjson.loads(event.data)
+                    obj = orjson.loads(data)
                 except orjson.JSONDecodeError:
-                    result.error = f"not JSON in the stream: {event.data[:100]!r}"
+                    result.error = f"not JSON in the stream: {data[:100]!r}"
                     return
-                if (message := _error_message(obj)) is not None:
+                if b'"error"' in data and (message := _error_message(obj)) is not None:
                     result.error = f"error event in the stream: {message}"
                     return
-                if has_generated_output(obj):
+                content = _single_content(obj)
+                if content or has_generated_output(obj):
                     content_events += 1
                     if result.ttft_s is None:
                         result.ttft_s = arrived - start
-                    for choice in obj.get("choices") or ():
-                        delta = choice.get("delta") if isinstance(choice, dict) else None
-                        if isinstance(delta, dict) and isinstance(delta.get("content"), str):
-                            parts.append(delta["content"])
-                prompt, completion = usage_counts(obj)
-                if completion is not None:
-                    result.prompt_tokens, result.completion_tokens = prompt, completion
+                    if content:
+                        parts.append(content)
+                if b'"usage"' in data:
+                    prompt, completion = usage_counts(obj)
+                    if completion is not None:
+                        result.prompt_tokens, result.completion_tokens = prompt, completion
         if not done:
             result.error = "the stream ended before data: [DONE]"
             return

@@ -13,11 +13,11 @@ STREAM = (
     b"data: [DONE]\n\n"
 )
 EXPECTED = [
-    Event('{"choices":[{"delta":{"content":"hé"}}]}'),
-    Event("line one\nline two", "note"),
-    Event("cr only"),
-    Event(""),
-    Event("[DONE]"),
+    Event('{"choices":[{"delta":{"content":"hé"}}]}'.encode()),
+    Event(b"line one\nline two", "note"),
+    Event(b"cr only"),
+    Event(b""),
+    Event(b"[DONE]"),
 ]
 
 
@@ -44,11 +44,18 @@ def test_an_event_is_not_dispatched_before_its_blank_line():
     parser = SSEParser()
     assert parser.feed(b"data: a\n") == []
     assert parser.feed(b"data: b\n") == []
-    assert parser.feed(b"\n") == [Event("a\nb")]
+    assert parser.feed(b"\n") == [Event(b"a\nb")]
 
 
 def test_a_cr_ending_one_read_and_an_lf_opening_the_next_are_one_line_end():
     parser = SSEParser()
     assert parser.feed(b"data: x\r") == []
     assert parser.feed(b"\n") == []  # the pair of the CR, not a blank line
-    assert parser.feed(b"\r\n") == [Event("x")]
+    assert parser.feed(b"\r\n") == [Event(b"x")]
+
+
+def test_field_forms():
+    parser = SSEParser()
+    # a field name alone, no space after the colon, an unknown field, an event name without data
+    stream = b"data\n\nevent: x\n\ndata:a\nid: 3\nfoo: bar\n\n"
+    assert parser.feed(stream) == [Event(b""), Event(b"a")]
