@@ -92,7 +92,7 @@ def main() -> int:
     parser.add_argument(
         "--connections", type=int, default=32, help="wrk connections and load tester concurrency"
     )
-    parser.add_argument("--timing-requests", type=int, default=200, help="requests per timing run (200)")
+    parser.add_argument("--timing-requests", type=int, default=40, help="requests per timing run (40)")
     args = parser.parse_args()
     require_tools()
     os.sched_setaffinity(0, {int(PROXY_CORE)})  # the reference client runs here, where the tool does

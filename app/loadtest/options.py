@@ -30,7 +30,8 @@ class Options(BaseModel):
     model: str | None = Field(None, description="Model to ask; default: the first of /v1/models.")
     metrics_url: str | None = Field(
         None,
-        description="Prometheus text to read the prefix cache from; default: SERVER_URL/metrics; 'off': none.",
+        description="Prometheus text to read the prefix cache from; default: SERVER_URL/metrics "
+        "(and URL2/metrics for --compare); 'off': none.",
     )
     # what to send
     prompts_file: str | None = Field(None, description="Prompts, one per line.")
@@ -94,6 +95,11 @@ class Options(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> Options:
+        for name in ("server_url", "compare", "metrics_url"):
+            url = getattr(self, name)
+            off = name == "metrics_url" and url is not None and url.lower() == "off"
+            if url is not None and not off and not url.startswith(("http://", "https://")):
+                raise ValueError(f"{name}: {url!r} is not an http:// or https:// URL")
         sources = [n for n in ("prompts_file", "prompts", "random_input_len") if getattr(self, n) is not None]
         if len(sources) > 1:
             raise ValueError(f"give one prompt source, not {' and '.join(sources)}")

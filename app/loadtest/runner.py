@@ -274,6 +274,8 @@ class Run:
             await (self._multi_round() if self.multi_round else self._single())
         finally:
             self.progress.close()
+        if not opts.stream:
+            self.notes.append("no stream: TTFT and TPOT are not measured")
         for side in self.sides:
             if side.metrics_url and side.engine is None:
                 self.notes.append(f"no vLLM prefix-cache counters at {side.metrics_url}: no hit rate")

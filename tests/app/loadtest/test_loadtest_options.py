@@ -73,6 +73,8 @@ def test_a_bad_file_is_refused_with_a_reason(tmp_path, text, message):
         (["--users", "2", "--prompts-file", "p.txt"], "multi-round mode"),
         (["--rounds", "2", "--num-requests", "5"], "multi-round mode sends users x rounds"),
         (["--max-error-rate", "2"], "max_error_rate"),
+        (["--server-url", "localhost:8000"], "server_url: 'localhost:8000' is not an http"),
+        (["--compare", "ftp://h"], "compare: 'ftp://h' is not an http"),
     ],
 )
 def test_contradictory_flags_are_refused(argv, message):
