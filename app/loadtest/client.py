@@ -46,6 +46,7 @@ class Result:
     tokens_from_usage: bool = True  # False: counted from content events (the server sent no usage)
     status: int | None = None  # HTTP status; None when no response came
     error: str | None = None
+    output_chars: int = 0  # characters of the answer's content (0: no content event, no TTFT)
     text: str = field(default="", repr=False)  # the answer (multi-round history); not saved
 
     @property
@@ -160,7 +161,8 @@ class Client:
 
         TTFT is taken when the read holding the first event with generated output (text,
         reasoning or a tool call) arrives; latency when the body ends. Tokens come from the
-        engine's `usage` (the stream asks for it with `stream_options.include_usage`).
+        engine's `usage` (the stream asks for it with `stream_options.include_usage`). A stream
+        whose tokens decode to no text (vLLM then sends no content event) has no TTFT or TPOT.
         """
         stream = bool(body.get("stream"))
         headers = {**self.headers, "X-Request-ID": result.request_id}
@@ -228,6 +230,7 @@ class Client:
             result.error = "the stream ended before data: [DONE]"
             return
         result.text = "".join(parts)
+        result.output_chars = len(result.text)
         if result.completion_tokens is None:
             result.tokens_from_usage = False
             result.completion_tokens = content_events
@@ -248,3 +251,4 @@ class Client:
         if isinstance(choices, list) and choices and isinstance(choices[0], dict):
             content = (choices[0].get("message") or {}).get("content")
             result.text = content if isinstance(content, str) else ""
+            result.output_chars = len(result.text)

@@ -145,7 +145,7 @@ def test_ttft_is_the_first_event_with_text_and_tokens_come_from_usage(server, tm
     for r in report["requests"]:
         assert r["ok"] and r["ttft_s"] >= FIRST_TOKEN_DELAY  # not the role-only first event
         assert r["ttft_s"] <= r["latency_s"] and r["tpot_s"] > 0
-        assert r["completion_tokens"] == 3
+        assert r["completion_tokens"] == 3 and r["output_chars"] == len("toktoktok")
         assert r["tpot_s"] == pytest.approx((r["latency_s"] - r["ttft_s"]) / 2)
     assert [r["tokens_from_usage"] for r in sorted(report["requests"], key=lambda r: r["id"])] == [
         True,
