@@ -56,7 +56,12 @@ class Options(BaseModel):
     qps: float | None = Field(
         None, gt=0, description="Poisson arrivals at this rate; default: as fast as allowed."
     )
-    duration: float | None = Field(None, gt=0, description="Stop starting requests after this many seconds.")
+    duration: float | None = Field(
+        None,
+        gt=0,
+        description="Stop starting requests after this many seconds (multi-round, --compare: checked "
+        "between rounds and blocks).",
+    )
     num_requests: int | None = Field(None, ge=1, description="Requests to send; default: one per prompt.")
     timeout: float = Field(
         600.0, gt=0, description="Seconds one request may take before it counts as failed."

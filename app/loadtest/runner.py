@@ -1,9 +1,10 @@
 """Running a load test: the schedule, the concurrency limit, rounds, and two sides interleaved.
 
 A run is a sequence of blocks. A block is a list of requests with arrival offsets (a Poisson process
-at `--qps`, or all at once), started in order as the concurrency limit allows; no request starts
-after the deadline of `--duration`, and the block ends when all its requests have. The server's
-`/metrics` is read before and after each block, so the prefix-cache counters' deltas belong to it.
+at `--qps`, or all at once), started in order as the concurrency limit allows, and it ends when all
+its requests have. The server's `/metrics` is read before and after each block, so the prefix-cache
+counters' deltas belong to it. `--duration`: no request starts after it; with `--compare` and in
+multi-round mode it is checked between blocks instead (what starts runs whole, on both sides).
 
 - single-turn: one block of every request (with `--compare`: blocks of `--compare-block` requests);
 - multi-round: one block per round, every user's next question; round r+1 starts when round r has
@@ -17,6 +18,7 @@ after the deadline of `--duration`, and the block ends when all its requests hav
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import sys
@@ -255,6 +257,15 @@ class Run:
         side.duration_s += duration
         side.engine = add_deltas(side.engine, delta)
 
+    @contextlib.contextmanager
+    def _whole(self) -> Iterator[None]:
+        """No deadline inside: what starts here runs to its end."""
+        saved, self.deadline = self.deadline, None
+        try:
+            yield
+        finally:
+            self.deadline = saved
+
     def _order(self, k: int) -> list[Side]:
         return self.sides if k % 2 == 0 else self.sides[::-1]
 
@@ -308,8 +319,9 @@ class Run:
             if not chunk:
                 break
             arrivals = list(itertools.islice(self._arrivals(), len(chunk)))
-            for side in self._order(k):
-                self._record(side, *await self.block(side, chunk, arrivals))
+            with self._whole():  # both sides get the same block: --duration is checked between them
+                for side in self._order(k):
+                    self._record(side, *await self.block(side, chunk, arrivals))
             if self.deadline is not None and time.perf_counter() >= self.deadline:
                 break
 
@@ -333,8 +345,7 @@ class Run:
                 )
                 for user, question in enumerate(questions)
             ]
-            saved_deadline, self.deadline = self.deadline, None  # a round, once started, runs whole
-            try:
+            with self._whole():  # a round, once started, runs whole
                 for side in self._order(number - 1):
                     results, duration, delta = await self.block(side, items, arrivals)
                     self._record(side, results, duration, delta)
@@ -342,8 +353,6 @@ class Run:
                     for result in results:
                         if result.ok:
                             side.conversations[result.user].answered(questions[result.user], result.text)
-            finally:
-                self.deadline = saved_deadline
 
     # --- the report ---------------------------------------------------------------------------
 

@@ -170,3 +170,15 @@ def test_hit_rate_from_the_metrics_deltas(server, tmp_path):
 def test_a_server_that_cannot_be_reached_is_exit_2(capsys):
     assert main(["--server-url", f"http://127.0.0.1:{free_port()}", "--no-progress"]) == 2
     assert "Cannot connect" in capsys.readouterr().err
+
+
+def test_compare_with_a_duration_gives_both_sides_whole_blocks(server, tmp_path):
+    """Each stream takes FIRST_TOKEN_DELAY: the 0.3 s deadline falls inside a block, which still
+    runs whole on both sides, A B then B A."""
+    code, report = run(server, tmp_path, ["ok"], "--compare", server.url, "--duration", "0.3",
+                       "--compare-block", "2", "--concurrency", "1")  # fmt: skip
+    assert code == 0
+    a, b = report["summary"], report["compare"]["summary"]
+    assert a["requests"] == b["requests"] and a["requests"] % 2 == 0 and a["requests"] >= 2
+    sides = [r["side"] for r in sorted(report["requests"], key=lambda r: r["start_s"])]
+    assert sides[:4] == list("aabb") and (len(sides) < 8 or sides[4:8] == list("bbaa"))
