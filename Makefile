@@ -58,6 +58,7 @@ integration: prereqs models
 
 lint: venv
 	$(PY) -m ruff check app scripts tests bench test_api.py client_example.py
+	$(PY) -m ruff format --check app scripts tests bench test_api.py client_example.py
 	$(PY) scripts/settings_docs.py --check
 	$(VENV)/bin/hadolint Dockerfile Dockerfile.trtllm
 	$(VENV)/bin/shellcheck --external-sources build_and_push.sh scripts/*.sh .ci/run

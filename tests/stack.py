@@ -65,7 +65,11 @@ class Stack:
             start_new_session=True,
         )
         if wait:
-            self.wait_ready(timeout)
+            try:
+                self.wait_ready(timeout)
+            except BaseException:  # a fixture that fails here never reaches its teardown
+                self.stop()
+                raise
         return self
 
     def wait_ready(self, timeout: float = 180) -> None:
