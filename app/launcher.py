@@ -159,6 +159,7 @@ class Launcher:
                 token=s.HF_TOKEN.get_secret_value() if s.HF_TOKEN else None,
                 offline=s.HF_HUB_OFFLINE,
                 endpoint=s.HF_ENDPOINT,
+                settings=s,
             )
         )
         if await _first(resolving, self.stop.wait()) is not resolving:

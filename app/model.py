@@ -24,7 +24,7 @@ class ModelError(Exception):
 @dataclass
 class ResolvedModel:
     path: str
-    source: str  # "local" or "hub"
+    source: str  # "local", "hub", "s3" or "modelscope"
     repo_id: str | None = None
 
 
@@ -145,8 +145,22 @@ def resolve_model(
     offline: bool = False,
     cache_dir: str | None = None,
     endpoint: str | None = None,
+    settings: Any = None,
 ) -> ResolvedModel:
     """A local directory, or the path of the downloaded snapshot. Raises ModelError."""
+    from app import sources  # s3:// and ModelScope (issue 21): app/sources/
+
+    if sources.handles(name, settings):
+        if settings is None:
+            from app.settings import Settings
+
+            settings = Settings()
+        try:
+            path, source = sources.resolve(name, settings, revision=revision, offline=offline)
+        except sources.SourceError as exc:
+            raise ModelError(str(exc)) from exc
+        log.info("model ready", source=source, model=name, path=path)
+        return ResolvedModel(path=path, source=source, repo_id=name)
     local = Path(name).expanduser()
     if local.is_dir():
         return ResolvedModel(path=str(local.resolve()), source="local")
