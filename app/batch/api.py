@@ -23,13 +23,12 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.responses import FileResponse
 
-from app.batch.store import TERMINAL, Store, new_id, now
+from app.batch.store import TERMINAL, Store, new_batch_doc, now
 from app.batch.validate import ENDPOINTS
 from app.errors import error_body
 from app.runtime import Phase
 
 PATHS = ("/v1/files", "/v1/batches")
-COMPLETION_WINDOW = 24 * 3600
 _UPLOAD_CHUNK = 1 << 20
 
 
@@ -265,37 +264,7 @@ def build(service: Any) -> FastAPI:
                 "with purpose 'batch'.",
                 param="input_file_id",
             )
-        t = now()
-        doc = {
-            "id": new_id("batch_"),
-            "object": "batch",
-            "endpoint": body["endpoint"],
-            "errors": None,
-            "input_file_id": file["id"],
-            "completion_window": "24h",
-            "status": "validating",
-            "output_file_id": None,
-            "error_file_id": None,
-            "created_at": t,
-            "in_progress_at": None,
-            "expires_at": t + COMPLETION_WINDOW,
-            "finalizing_at": None,
-            "completed_at": None,
-            "failed_at": None,
-            "expired_at": None,
-            "cancelling_at": None,
-            "cancelled_at": None,
-            "request_counts": {"total": 0, "completed": 0, "failed": 0},
-            "metadata": metadata,
-            "model": None,
-            "usage": {
-                "input_tokens": 0,
-                "input_tokens_details": {"cached_tokens": 0},
-                "output_tokens": 0,
-                "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": 0,
-            },
-        }
+        doc = new_batch_doc(file["id"], body["endpoint"], metadata)
         await st.run(Store.add_batch, doc)
         service.runner.wake()
         return _json(doc)

@@ -69,6 +69,44 @@ def now() -> int:
     return int(time.time())
 
 
+COMPLETION_WINDOW = 24 * 3600
+
+
+def new_batch_doc(input_file_id: str, endpoint: str, metadata: dict | None) -> dict:
+    """A new batch, as OpenAI's `Batch` object."""
+    t = now()
+    return {
+        "id": new_id("batch_"),
+        "object": "batch",
+        "endpoint": endpoint,
+        "errors": None,
+        "input_file_id": input_file_id,
+        "completion_window": "24h",
+        "status": "validating",
+        "output_file_id": None,
+        "error_file_id": None,
+        "created_at": t,
+        "in_progress_at": None,
+        "expires_at": t + COMPLETION_WINDOW,
+        "finalizing_at": None,
+        "completed_at": None,
+        "failed_at": None,
+        "expired_at": None,
+        "cancelling_at": None,
+        "cancelled_at": None,
+        "request_counts": {"total": 0, "completed": 0, "failed": 0},
+        "metadata": metadata,
+        "model": None,
+        "usage": {
+            "input_tokens": 0,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": 0,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": 0,
+        },
+    }
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
