@@ -98,9 +98,13 @@ def test_one_shot_serves_an_s3_model_and_reads_and_writes_s3(moto, tmp_path):
     key, secret = moto.keys
     s3 = moto.client(aws_access_key_id=key, aws_secret_access_key=secret)
     s3.upload_fileobj(
-        io.BytesIO(jsonl([chat("a"), chat("b"), chat("bad", max_tokens=-1), chat("c")])), "batch-io", "in.jsonl"
+        io.BytesIO(jsonl([chat("a"), chat("b"), chat("bad", max_tokens=-1), chat("c")])),
+        "batch-io",
+        "in.jsonl",
     )
-    env = env_for(moto, tmp_path, BATCH_INPUT="s3://batch-io/in.jsonl", BATCH_OUTPUT="s3://batch-io/out/results.jsonl")
+    env = env_for(
+        moto, tmp_path, BATCH_INPUT="s3://batch-io/in.jsonl", BATCH_OUTPUT="s3://batch-io/out/results.jsonl"
+    )
     code, records = run(env, tmp_path / "oneshot-1.log", timeout=420)
     events = [r.get("event") for r in records]
     assert code == 1, events[-20:]  # one line failed
