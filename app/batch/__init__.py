@@ -52,10 +52,16 @@ class BatchService:
         self._pipeline: Any = None
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
+        self.api_inflight = 0
         self.app = build(self)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        await self.app(scope, receive, send)
+        # Uploads and polls of the Batch API are not live traffic the runner should yield to.
+        self.api_inflight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.api_inflight -= 1
 
     @property
     def pipeline(self) -> Any:
@@ -91,6 +97,7 @@ class BatchService:
                     concurrency=self.concurrency,
                     yield_threshold=self.yield_threshold,
                     auth=self.auth,
+                    not_live=lambda: self.api_inflight,
                 )
                 self.runner.pipeline = self._pipeline
                 self._task = asyncio.ensure_future(self.runner.run())

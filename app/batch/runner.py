@@ -105,8 +105,10 @@ class Runner:
         concurrency: int,
         yield_threshold: int,
         auth: bytes | None = None,
+        not_live: Any = lambda: 0,
     ) -> None:
         self.store = store
+        self.not_live = not_live  # requests in flight that are not live traffic (Batch API calls)
         self.runtime = runtime
         self.concurrency = concurrency
         self.yield_threshold = yield_threshold
@@ -154,7 +156,8 @@ class Runner:
     # --- slots ----------------------------------------------------------------------------------
 
     def live(self) -> int:
-        return self.runtime.inflight - self.active
+        """Live requests in flight: all the proxy counts, less batch lines and Batch API calls."""
+        return self.runtime.inflight - self.active - self.not_live()
 
     def _may_start(self) -> bool:
         if self.runtime.phase is not Phase.READY or self.inflight >= self.concurrency:

@@ -245,3 +245,20 @@ def test_threshold_zero_never_yields(tmp_path):
         await store.close()
 
     asyncio.run(main())
+
+
+def test_batch_api_calls_in_flight_are_not_live_traffic(tmp_path):
+    async def main():
+        runtime, store, runner, pipe, batch_id = await setup(tmp_path, 6, hold=True, concurrency=3)
+        api_calls = 2  # e.g. an upload and a poll of the Batch API, counted by the middleware too
+        runner.not_live = lambda: api_calls
+        for _ in range(api_calls):
+            runtime.request_started()
+        task = asyncio.ensure_future(runner.run())
+        await until(lambda: pipe.running == 3)
+        pipe.release.set()
+        await finished(store, batch_id)
+        task.cancel()
+        await store.close()
+
+    asyncio.run(main())
