@@ -28,7 +28,9 @@ def fake_modelscope(monkeypatch, tmp_path):
     monkeypatch.setenv("FAKE_MODELSCOPE_HUB", str(tmp_path / "hub"))
     monkeypatch.syspath_prepend(str(FAKE))
     monkeypatch.delitem(sys.modules, "modelscope", raising=False)
-    monkeypatch.delenv("VLLM_USE_MODELSCOPE", raising=False)
+    # Set through monkeypatch so that what the code under test sets is undone too: a leaked
+    # VLLM_USE_MODELSCOPE would reach every engine the rest of the session starts.
+    monkeypatch.setenv("VLLM_USE_MODELSCOPE", "False")
     module = importlib.import_module("modelscope")
     assert module.__file__.startswith(str(FAKE))
     module.CALLS.clear()

@@ -4,6 +4,7 @@ its key checks on: copy, resume, verification, and the one sentence for each fai
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import orjson
@@ -116,3 +117,27 @@ def test_single_files_go_up_and_down(moto, tmp_path):
     assert Path(got).read_bytes() == src.read_bytes()
     with pytest.raises(s3.S3Error, match="no such object"):
         s3.download_file("s3://models/io/missing.jsonl", tmp_path / "x", moto.cfg)
+
+
+def test_with_the_runai_streamer_the_engine_gets_the_url_after_a_preflight(moto, tmp_path, monkeypatch):
+    """LOAD_FORMAT is the engine-flags setting of another change: a stand-in settings object here."""
+    from types import SimpleNamespace
+
+    from app import sources
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "unset")  # so the value the code sets is undone after
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    settings = SimpleNamespace(
+        LOAD_FORMAT="runai_streamer",
+        S3_ENDPOINT_URL=moto.url,
+        AWS_ACCESS_KEY_ID=moto.cfg.access_key,
+        AWS_SECRET_ACCESS_KEY=SimpleNamespace(get_secret_value=lambda: moto.cfg.secret_key),
+        AWS_REGION="us-east-1",
+        MODEL_CACHE_DIR=tmp_path,
+        HF_HOME=None,
+    )
+    assert sources.resolve("s3://models/m1", settings) == ("s3://models/m1", "s3")
+    assert not (tmp_path / "s3").exists()  # nothing copied: the engine streams it
+    assert os.environ["AWS_ENDPOINT_URL"] == moto.url  # where vLLM's streamer looks for the endpoint
+    with pytest.raises(sources.SourceError, match="no objects under this prefix"):
+        sources.resolve("s3://models/missing", settings)
