@@ -295,7 +295,7 @@ class Job:
             await self._dispatch(path, pending)
         if self.halted:
             return
-        await self._finish(pending)
+        await self._finish(parsed.lines)
 
     async def _fail(self, code: str, message: str) -> None:
         def extra(doc: dict) -> None:
@@ -341,6 +341,12 @@ class Job:
         fd = os.open(path, os.O_RDONLY)
         tasks: set[asyncio.Task] = set()
         stopped = asyncio.ensure_future(self.stop.wait())
+        expires = self.doc.get("expires_at")
+        timer = (
+            asyncio.get_running_loop().call_later(max(0.0, expires - time.time()), self._expire)
+            if expires is not None
+            else None
+        )
         try:
             while pending or tasks:
                 if self._expired():
@@ -362,8 +368,15 @@ class Job:
             if tasks:
                 await asyncio.wait(set(tasks))
         finally:
+            if timer is not None:
+                timer.cancel()
             stopped.cancel()
             os.close(fd)
+
+    def _expire(self) -> None:
+        """The completion window is over: start no more lines, hang up on those running."""
+        self.expired = True
+        self.stop.set()
 
     def _expired(self) -> bool:
         expires = self.doc.get("expires_at")
@@ -401,7 +414,7 @@ class Job:
             counts = doc["request_counts"]
             log.info("batch progress", batch_id=self.id, **counts, in_flight=self.runner.inflight)
 
-    async def _finish(self, pending: collections.deque[Line]) -> None:
+    async def _finish(self, lines: list[Line]) -> None:
         doc = await self.store.run(Store.get_batch, self.id)
         assert doc is not None
         if doc["status"] in TERMINAL:
@@ -418,7 +431,7 @@ class Job:
                     "batch_expired",
                     "This request could not be executed before the completion window expired.",
                 )
-                for line in sorted(pending, key=lambda x: x.line)
+                for line in lines  # not run, or hung up on at the expiry
                 if line.line not in recorded
             ]
             if late:

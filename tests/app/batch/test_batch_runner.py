@@ -262,3 +262,21 @@ def test_batch_api_calls_in_flight_are_not_live_traffic(tmp_path):
         await store.close()
 
     asyncio.run(main())
+
+
+def test_lines_running_at_the_expiry_are_hung_up_on_and_listed_as_expired(tmp_path):
+    async def main():
+        runtime, store, runner, pipe, batch_id = await setup(
+            tmp_path, 5, hold=True, concurrency=2, expires_at=int(time.time()) + 2
+        )
+        task = asyncio.ensure_future(runner.run())
+        doc = await finished(store, batch_id)
+        assert doc["status"] == "expired" and pipe.hung_up == 2
+        errors = [
+            orjson.loads(x) for x in (tmp_path / "files" / doc["error_file_id"]).read_bytes().splitlines()
+        ]
+        assert [e["custom_id"] for e in errors] == ["c1", "c2", "c3", "c4", "c5"]  # every line, once
+        task.cancel()
+        await store.close()
+
+    asyncio.run(main())
