@@ -46,6 +46,7 @@ class MotoS3:
                 return self
             except httpx.HTTPError:
                 time.sleep(0.1)
+        self.stop()
         raise TimeoutError("moto_server did not start")
 
     def stop(self) -> None:

@@ -47,10 +47,13 @@ def batch_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stacks(stack_logs, tiny_models, batch_dir):
     """The running stack is stacks[-1]; the SIGKILL test appends its successor."""
-    running = [make_stack(stack_logs, tiny_models, batch_dir, "batch-1").start()]
-    yield running
-    for stack in running:
-        stack.stop()
+    running = [make_stack(stack_logs, tiny_models, batch_dir, "batch-1")]
+    try:
+        running[0].start()
+        yield running
+    finally:  # also when a start failed: no stack left behind
+        for stack in running:
+            stack.stop()
 
 
 def sdk(stack: Stack) -> OpenAI:

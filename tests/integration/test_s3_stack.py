@@ -25,13 +25,16 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def moto(tiny_models):
-    server = MotoS3().start()
-    server.upload_dir(tiny_models["text"], "models", "tiny-text")
-    server.client().create_bucket(Bucket="batch-io")
-    server.keys = server.user_key()
-    server.enforce_auth()
-    yield server
-    server.stop()
+    server = MotoS3()
+    try:
+        server.start()
+        server.upload_dir(tiny_models["text"], "models", "tiny-text")
+        server.client().create_bucket(Bucket="batch-io")
+        server.keys = server.user_key()
+        server.enforce_auth()
+        yield server
+    finally:
+        server.stop()
 
 
 def env_for(moto, tmp_path, **extra) -> dict[str, str]:

@@ -18,18 +18,21 @@ FILES = {"config.json": b'{"a": 1}', "sub/weights.bin": bytes(range(256)) * 4096
 
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory):
-    server = MotoS3().start()
-    src = tmp_path_factory.mktemp("model")
-    for name, data in FILES.items():
-        (src / name).parent.mkdir(parents=True, exist_ok=True)
-        (src / name).write_bytes(data)
-    server.upload_dir(src, "models", "m1")
-    server.client().put_object(Bucket="models", Key="m1-other/x", Body=b"not under m1/")
-    key, secret = server.user_key()
-    server.enforce_auth()
-    server.cfg = s3.S3Config(server.url, key, secret, "us-east-1")
-    yield server
-    server.stop()
+    server = MotoS3()
+    try:
+        server.start()
+        src = tmp_path_factory.mktemp("model")
+        for name, data in FILES.items():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            (src / name).write_bytes(data)
+        server.upload_dir(src, "models", "m1")
+        server.client().put_object(Bucket="models", Key="m1-other/x", Body=b"not under m1/")
+        key, secret = server.user_key()
+        server.enforce_auth()
+        server.cfg = s3.S3Config(server.url, key, secret, "us-east-1")
+        yield server
+    finally:
+        server.stop()
 
 
 def test_copies_every_object_under_the_prefix_and_records_it(moto, tmp_path):
