@@ -191,6 +191,7 @@ def test_cancel_stops_a_batch_and_hangs_up_on_its_lines_in_flight(stacks):
     assert hung_up, "the lines in flight were not hung up on"  # so the engine aborted them
 
 
+@pytest.mark.timeout(600)  # a second stack start in the test (each may take up to 180 s)
 def test_sigkill_half_way_then_a_restart_finishes_with_no_line_lost_or_doubled(
     stacks, stack_logs, tiny_models, batch_dir
 ):

@@ -97,6 +97,7 @@ def jsonl(lines) -> bytes:
     return b"".join(orjson.dumps(x) + b"\n" for x in lines)
 
 
+@pytest.mark.timeout(900)  # two one-shot runs, each starting the stack
 def test_one_shot_serves_an_s3_model_and_reads_and_writes_s3(moto, tmp_path):
     key, secret = moto.keys
     s3 = moto.client(aws_access_key_id=key, aws_secret_access_key=secret)
