@@ -84,6 +84,8 @@ class Api:
         except urllib.error.HTTPError as exc:
             detail = exc.read()[:500].decode("utf-8", "replace")
             raise OneShotError(f"{method} {path} answered {exc.code}: {detail}") from exc
+        except OSError as exc:  # the stack went away
+            raise OneShotError(f"{method} {path} failed: {exc}") from exc
 
     def json(self, method: str, path: str, body: Any = None) -> Any:
         return orjson.loads(self.call(method, path, body))
