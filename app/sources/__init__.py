@@ -27,6 +27,8 @@ def handles(name: str, settings: Any | None) -> bool:
         return True
     if settings is None or settings.MODEL_SOURCE != "modelscope":
         return False
+    if name.startswith(("/", "./", "../", "~")):  # meant as a path: resolve_model says if it is missing
+        return False
     return not Path(name).expanduser().is_dir()  # a local folder stays a local folder
 
 

@@ -101,3 +101,10 @@ def test_the_stand_in_matches_the_real_packages_signature():
     for name in ("model_id", "revision", "cache_dir", "local_files_only"):
         assert name in params
     assert modelscope.snapshot_download is snapshot_download  # the top-level name we import
+
+
+def test_with_model_source_modelscope_a_missing_path_is_still_a_missing_path(fake_modelscope, tmp_path):
+    s = settings(tmp_path, "./no/such/folder", MODEL_SOURCE="modelscope")
+    with pytest.raises(ModelError, match="looks like a path but no such directory exists"):
+        resolve_model(s.MODEL_NAME, settings=s)
+    assert fake_modelscope.CALLS == []
