@@ -70,7 +70,8 @@ ENV DEVICE=cpu \
     MAX_MODEL_LEN=2048 \
     IMAGE_LIMIT=2 \
     HF_HOME=/data/huggingface \
-    METRICS_DB_PATH=/data/metrics/metrics.db
+    METRICS_DB_PATH=/data/metrics/metrics.db \
+    BATCH_DIR=/data/batch
 
 USER 10001
 VOLUME ["/data"]
@@ -90,7 +91,8 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOME=/home/app \
     HF_HOME=/data/huggingface \
-    METRICS_DB_PATH=/data/metrics/metrics.db
+    METRICS_DB_PATH=/data/metrics/metrics.db \
+    BATCH_DIR=/data/batch
 WORKDIR /app
 
 COPY requirements.txt ./

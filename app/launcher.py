@@ -172,6 +172,7 @@ class Launcher:
                 offline=s.HF_HUB_OFFLINE,
                 endpoint=s.HF_ENDPOINT,
                 baked_cache=str(s.BAKED_MODELS_CACHE) if s.BAKED_MODELS_CACHE else None,
+                settings=s,
             )
         )
         if await _first(resolving, self.stop.wait()) is not resolving:

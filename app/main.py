@@ -20,6 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.middleware.cors import CORSMiddleware
 
 from app import __version__, dashboard, metrics
+from app.batch import BatchService
+from app.batch import owns as batch_owns
 from app.engines import engine_for
 from app.errors import send_error
 from app.middleware import RequestContextMiddleware
@@ -40,14 +42,30 @@ KEYED_LOCAL_PATHS = frozenset({"/info"})
 
 
 class Dispatcher:
-    def __init__(self, local: Any, proxy: Any, keys: list[bytes]) -> None:
+    def __init__(self, local: Any, proxy: Any, keys: list[bytes], batch: Any = None) -> None:
         self.local = local
         self.proxy = proxy
         self.keys = keys
+        self.batch = batch
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             path = scope["path"]
+            # Batch API (issue 21): /v1/files*, /v1/batches*, behind the same API keys as engine routes.
+            if self.batch is not None and batch_owns(path):
+                if self.keys and not matches(
+                    bearer(get_header(scope["headers"], b"authorization")), self.keys
+                ):
+                    await send_error(
+                        send,
+                        401,
+                        "Missing or invalid API key: send `Authorization: Bearer <API_KEY>`.",
+                        code="invalid_api_key",
+                        headers=[(b"www-authenticate", b"Bearer")],
+                    )
+                    return
+                await self.batch(scope, receive, send)
+                return
             if path not in LOCAL_PATHS and not path.startswith(LOCAL_PREFIX):
                 await self.proxy(scope, receive, send)
                 return
@@ -182,11 +200,16 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         return Response(own + engine_text, media_type=CONTENT_TYPE_LATEST)
 
     dashboard.register(api, settings, runtime, engine, proxy)
+    batch = BatchService(settings, runtime, keys)
+    batch.register(api)  # the batch store and runner live in the app's lifespan
     app: Any = RequestContextMiddleware(
-        Dispatcher(api, proxy, keys),
+        Dispatcher(api, proxy, keys, batch),
         runtime,
-        self_headed=lambda path: path not in LOCAL_PATHS and not path.startswith(LOCAL_PREFIX),
+        self_headed=lambda path: (
+            path not in LOCAL_PATHS and not path.startswith(LOCAL_PREFIX) and not batch_owns(path)
+        ),
     )
+    batch.pipeline = app  # batch lines take the live requests' path: log line, metrics, keys, proxy
     origins = [o.strip() for o in settings.CORS_ALLOW_ORIGINS.split(",") if o.strip()]
     if origins:  # off by default; the engine's own CORS headers are always dropped by the proxy
         app = CORSMiddleware(

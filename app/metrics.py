@@ -113,6 +113,22 @@ UPSTREAM_ERRORS = Counter(
     registry=REGISTRY,
 )
 
+# --- Batch API (app/batch/) ---------------------------------------------------------------------
+BATCH_LINES = Counter(
+    f"{PREFIX}_batch_requests",
+    "Batch lines recorded, by outcome: completed (2xx), failed (an error answer), invalid (never "
+    "sent: the line could not be run), expired (not run before the completion window ended).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+for _outcome in ("completed", "failed", "invalid", "expired"):
+    BATCH_LINES.labels(_outcome)
+BATCH_IN_FLIGHT = Gauge(
+    f"{PREFIX}_batch_requests_in_flight",
+    "Batch lines being answered now (also counted in requests_in_flight).",
+    registry=REGISTRY,
+)
+
 
 def route_label(path: str) -> str:
     return path if path in ROUTES else "other"

@@ -22,6 +22,9 @@ from app.proxy.headers import get_header
 from app.runtime import Runtime
 
 RECORD_KEY = "app.record"
+BATCH_KEY = "app.batch_id"
+"""Set in the scope of a batch line (app/batch/runner.py) to the batch's id: the request log line
+carries it. Only the runner builds such scopes: no client can set it."""
 QUIET_PATHS = frozenset(
     {
         "/health",
@@ -60,6 +63,8 @@ class RequestRecord:
     """The client hung up before the response was complete (logged as status 499)."""
     prompt: Any = None
     """Only with LOG_PROMPTS: the request's prompt, inline media elided."""
+    batch_id: str | None = None
+    """A line of a batch (Batch API): the batch's id."""
 
     @property
     def id_header(self) -> tuple[bytes, bytes]:
@@ -85,6 +90,7 @@ class RequestRecord:
             "client": self.client,
             "error": self.error,
             **({"prompt": self.prompt} if self.prompt is not None else {}),
+            **({"batch_id": self.batch_id} if self.batch_id is not None else {}),
         }
 
 
@@ -122,6 +128,7 @@ class RequestContextMiddleware:
             method=scope["method"],
             path=scope["path"],
             client=f"{client[0]}:{client[1]}" if client else None,
+            batch_id=scope.get(BATCH_KEY),
         )
         scope[RECORD_KEY] = rec
         structlog.contextvars.bind_contextvars(request_id=rid)

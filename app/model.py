@@ -32,7 +32,7 @@ class ModelError(Exception):
 @dataclass
 class ResolvedModel:
     path: str
-    source: str  # "local", "baked" or "hub"
+    source: str  # "local", "baked", "hub", "s3" or "modelscope"
     repo_id: str | None = None
 
 
@@ -217,9 +217,23 @@ def resolve_model(
     cache_dir: str | None = None,
     endpoint: str | None = None,
     baked_cache: str | None = None,
+    settings: Any = None,
 ) -> ResolvedModel:
-    """A local directory, a snapshot baked into the image (`baked_cache`), or the path of the
-    downloaded snapshot. Raises ModelError."""
+    """A local directory, a snapshot baked into the image (`baked_cache`), a model from `s3://` or
+    ModelScope (app/sources/), or the path of the downloaded snapshot. Raises ModelError."""
+    from app import sources  # s3:// and ModelScope (issue 21): app/sources/
+
+    if sources.handles(name, settings):
+        if settings is None:
+            from app.settings import Settings
+
+            settings = Settings()
+        try:
+            path, source = sources.resolve(name, settings, revision=revision, offline=offline)
+        except sources.SourceError as exc:
+            raise ModelError(str(exc)) from exc
+        log.info("model ready", source=source, model=name, path=path)
+        return ResolvedModel(path=path, source=source, repo_id=name)
     local = Path(name).expanduser()
     if local.is_dir():
         return ResolvedModel(path=str(local.resolve()), source="local")

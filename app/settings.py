@@ -341,6 +341,60 @@ class Settings(BaseSettings):
     def cuda_compat(self) -> bool:
         """VLLM_ENABLE_CUDA_COMPATIBILITY as vLLM reads it (vllm/envs.py): "1" or "true" only."""
         return (self.VLLM_ENABLE_CUDA_COMPATIBILITY or "").strip().lower() in ("1", "true")
+    # --- Model sources: S3 and ModelScope (app/sources/) --------------------------------------
+    MODEL_SOURCE: Literal["huggingface", "modelscope"] = Field(
+        "huggingface",
+        description="Where a model id in MODEL_NAME is downloaded from: the Hugging Face Hub, or "
+        "`modelscope` (the `modelscope` package; also sets VLLM_USE_MODELSCOPE for the engine). "
+        "A `modelscope://org/name` or `s3://bucket/prefix` MODEL_NAME picks its source itself.",
+    )
+    MODEL_CACHE_DIR: Path | None = Field(
+        None,
+        description="Where models from `s3://` and ModelScope are stored. Default: the `s3` and "
+        "`modelscope` folders under HF_HOME (huggingface_hub's default when unset), on the same volume.",
+    )
+    S3_ENDPOINT_URL: str | None = Field(
+        None,
+        description="S3-compatible endpoint for `s3://` models and batch files (MinIO: "
+        "`http://minio:9000`). Default: AWS S3.",
+    )
+    AWS_ACCESS_KEY_ID: str | None = Field(
+        None, description="S3 access key. Unset: boto3's own chain (config files, instance role)."
+    )
+    AWS_SECRET_ACCESS_KEY: SecretStr | None = Field(None, description="S3 secret key. Never logged.")
+    AWS_REGION: str | None = Field(None, description="S3 region (MinIO accepts any; AWS needs the bucket's).")
+
+    # --- Batch API (app/batch/) ----------------------------------------------------------------
+    BATCH_DIR: Path = Field(
+        Path(".cache/batch"),
+        description="Where the Batch API keeps uploaded files, outputs and its SQLite state "
+        "(relative: from the app's directory; the images use `/data/batch`, on their volume). "
+        "Unfinished batches resume from here after a restart. One replica per directory.",
+    )
+    BATCH_CONCURRENCY: int = Field(32, ge=1, description="Most batch lines in flight at once.")
+    BATCH_YIELD_THRESHOLD: int = Field(
+        1,
+        ge=0,
+        description="While this many live (non-batch) requests are in flight, batch lines start only "
+        "one at a time (live traffic first; see README). 0: batches never yield.",
+    )
+    BATCH_MAX_FILE_MB: float = Field(200, gt=0, description="Largest file `POST /v1/files` accepts, in MiB.")
+    BATCH_INPUT: str | None = Field(
+        None,
+        description="One-shot mode: a JSONL batch file (local path or `s3://`) run through the stack, "
+        "after which the container exits (0, or 1 if any line failed). Needs BATCH_OUTPUT.",
+    )
+    BATCH_OUTPUT: str | None = Field(
+        None,
+        description="One-shot mode: where the output lines go (local path or `s3://`); failed lines go "
+        "beside it, to `<name>.errors.jsonl`.",
+    )
+
+    @model_validator(mode="after")
+    def _batch_checks(self) -> Settings:
+        if bool(self.BATCH_INPUT) != bool(self.BATCH_OUTPUT):
+            raise ValueError("BATCH_INPUT and BATCH_OUTPUT go together: set both or neither")
+        return self
 
 
 def load_settings() -> Settings | None:

@@ -33,6 +33,8 @@ case "${RUNPOD_MODE:-http}" in
   http) ;;
   *) echo "start.sh: RUNPOD_MODE must be http or queue, not '${RUNPOD_MODE}'" >&2; exit 2 ;;
 esac
+# BATCH_INPUT: one-shot batch mode (app/batch/oneshot.py): run the file through the stack, then exit.
+if [[ -n "${BATCH_INPUT:-}" ]]; then module=app.batch.oneshot; fi
 
 cd -- "$root"
 export PYTHONUNBUFFERED=1
