@@ -341,6 +341,7 @@ class Settings(BaseSettings):
     def cuda_compat(self) -> bool:
         """VLLM_ENABLE_CUDA_COMPATIBILITY as vLLM reads it (vllm/envs.py): "1" or "true" only."""
         return (self.VLLM_ENABLE_CUDA_COMPATIBILITY or "").strip().lower() in ("1", "true")
+
     # --- Model sources: S3 and ModelScope (app/sources/) --------------------------------------
     MODEL_SOURCE: Literal["huggingface", "modelscope"] = Field(
         "huggingface",
