@@ -14,6 +14,7 @@ _TYPES = {
     404: "not_found_error",
     408: "invalid_request_error",
     413: "invalid_request_error",
+    431: "invalid_request_error",
     429: "rate_limit_error",
     499: "client_closed_request",
     500: "internal_server_error",

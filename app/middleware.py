@@ -22,6 +22,9 @@ from app.proxy.headers import get_header
 from app.runtime import Runtime
 
 RECORD_KEY = "app.record"
+REFUSED_KEY = "app.refused"
+"""Set by the HTTP server (app/server.py) when it refused a request the app had already been given
+(its body broke HTTP's framing): `(status, error)`, what the client got, for the request's line."""
 QUIET_PATHS = frozenset(
     {
         "/health",
@@ -149,6 +152,9 @@ class RequestContextMiddleware:
                 await send_with_id_safe(send, rec)
         finally:
             duration = time.perf_counter() - rec.start
+            if (refused := scope.get(REFUSED_KEY)) is not None:
+                rec.status, rec.error = refused
+                rec.disconnected = False
             if not quiet:
                 self.runtime.request_finished()
                 metrics.IN_FLIGHT.dec()

@@ -76,6 +76,7 @@ class _Collector:
         self.current.body = bytes(self._body)
         self.done.append(self.current)
         self.current = None
+        self.head_done = False
 
 
 class RawConn:
@@ -120,11 +121,13 @@ class RawConn:
         return request
 
     async def read_head(self) -> Request | None:
-        """Read until a request's headers are complete (its body is left unread)."""
-        while not self._collector.head_done:
+        """Read until the next request's headers are complete (its body is left unread, or read
+        on by `read_request`)."""
+        collector = self._collector
+        while not collector.head_done and not collector.done:
             if not await self._feed_once(1024):
                 return None
-        return self._collector.current
+        return collector.done[0] if collector.done else collector.current
 
     async def wait_closed_by_peer(self, timeout: float = 5.0) -> bool:
         """True if the client closes the connection within `timeout`. While the script is reading
@@ -219,8 +222,9 @@ class RawEngine:
 class RawEngineThread:
     """A RawEngine in a thread (its own asyncio loop), for a proxy running in-process."""
 
-    def __init__(self, script: Script) -> None:
+    def __init__(self, script: Script, receive_buffer: int | None = None) -> None:
         self._script = script
+        self._receive_buffer = receive_buffer
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
         self.engine: RawEngine | None = None
@@ -241,7 +245,7 @@ class RawEngineThread:
         return self.engine.connections
 
     async def _main(self) -> None:
-        async with RawEngine(self._script) as engine:
+        async with RawEngine(self._script, receive_buffer=self._receive_buffer) as engine:
             self.engine = engine
             self.url = engine.url
             self._stop = asyncio.Event()
