@@ -140,6 +140,22 @@ def test_a_body_the_engine_breaks_off_never_looks_complete_to_the_client(proxy, 
     assert httpx.post(proxy.url + "/v1/chat/completions", json={"model": "m"}).status_code == 200
 
 
+@pytest.fixture(scope="module")
+def plain(raw):
+    with InProcessProxy(raw.url, plain_uvicorn=True, UPSTREAM_IDLE_TIMEOUT=1, SSE_KEEPALIVE_INTERVAL=0) as p:
+        yield p
+
+
+@pytest.mark.parametrize("mode", ["chunked-fin", "sse-fin"])
+def test_under_plain_uvicorn_a_broken_answer_does_not_look_complete_either(plain, mode):
+    """`create_app()` served by uvicorn's own protocol (no abort hook): the handler returns without
+    completing the response, and uvicorn closes the connection."""
+    with stream(plain, mode, f"plain-{mode}", stream=mode.startswith("sse")) as r:
+        assert r.status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError):
+            r.read()
+
+
 @pytest.mark.parametrize("mode", list(BROKEN_STREAMS))
 def test_a_stream_the_engine_breaks_off_ends_with_an_error_event_and_no_end(proxy, mode):
     rid = f"broken-{mode}"

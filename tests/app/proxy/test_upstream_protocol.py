@@ -503,7 +503,7 @@ def test_the_pool_keeps_at_most_max_idle_connections(run):
             up = client(engine.url, max_idle=2)
             await asyncio.gather(*(call(up, target="/slow") for _ in range(6)))
             assert len(engine.connections) == 6
-            closed = await asyncio.gather(*(c.wait_closed_by_peer(1) for c in engine.connections))
+            closed = await asyncio.gather(*(c.wait_closed_by_peer(0.5) for c in engine.connections))
             assert sum(closed) == 4
             await asyncio.gather(*(call(up) for _ in range(2)))
             assert len(engine.connections) == 6  # the two kept are reused
