@@ -220,12 +220,15 @@ def _refuse_line(
     return rec.request_id
 
 
+_feed = HttpToolsProtocol.data_received  # uvicorn's: the parser, then its callbacks
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     client_timeout: float = 120.0
 
     _guard: asyncio.TimerHandle | None = None
     _in_headers = False
-    _began = 0.0  # perf_counter() at the current request's first byte; 0: none began
+    _began = False  # a request began on this connection (its first byte re-armed the guard)
     # Bytes the head being received may still take; None while no head is being received (body,
     # response). Counted per read: a head that begins inside a read (pipelining) is counted from
     # the next one, so it can pass the bound by at most one read.
@@ -256,14 +259,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: int, error: str) -> None:
         """Answer a request the HTTP layer cannot pass to the app, log and count it, close."""
-        self._disarm()
         self._head_left = None
         method = path = ""
         if self.headers:  # the request line is complete once a header follows it
             method = self.parser.get_method().decode("ascii", "replace")
             with contextlib.suppress(httptools.HttpParserInvalidURLError):
                 path = httptools.parse_url(self.url).path.decode("latin-1")[:512]
-        rid = _refuse_line(status, error, method, path, self.headers, self.client, self._began)
+        # The request's age, from the guard armed at its first byte (no clock read per request).
+        guard = self._guard
+        age = self.loop.time() - guard.when() + self.client_timeout if guard else self.client_timeout
+        self._disarm()
+        rid = _refuse_line(status, error, method, path, self.headers, self.client, time.perf_counter() - age)
         cycle = self.cycle
         # Pipelined behind an answer still under way, the refusal cannot be written: the close says it.
         if cycle is None or cycle.response_complete:
@@ -291,23 +297,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         left = self._head_left
         if left is None:
-            super().data_received(data)
+            _feed(self, data)
             return
         heads = self._heads
         if len(data) <= left:
-            super().data_received(data)
+            _feed(self, data)
             if self._heads == heads and self._head_left is not None:  # still in the same head
                 self._head_left = left - len(data)
             return
         # The head may end within the bytes it may still take: parse those, the rest only if it did.
         view = memoryview(data)
-        super().data_received(view[:left])
+        _feed(self, view[:left])
         if self.transport.is_closing():
             return
         if self._heads == heads:
             self._refuse(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
             return
-        super().data_received(view[left:])
+        _feed(self, view[left:])
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -320,7 +326,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_headers = True
-        self._began = time.perf_counter()
+        self._began = True
         self._arm()
 
     def on_headers_complete(self) -> None:
