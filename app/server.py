@@ -44,6 +44,11 @@ unbounded with httptools, 4 MiB with h11)."""
 MAX_HEADERS = 256
 """Header fields in one request (vLLM sets the same for its uvicorn under h11)."""
 
+LINGER_S = 2.0
+"""After a refusal the connection is half-closed, and what the client still sends is read and dropped
+for up to this long: closing with its bytes unread would reset the connection, and a reset can
+discard the answer before the client reads it (nginx's lingering close)."""
+
 UVICORN_WRITTEN_FOR = ((0, 30), (0, 55))
 """uvicorn >= 0.30, < 0.55: the internals used here read the same in 0.30 and 0.54 (tested)."""
 
@@ -223,6 +228,14 @@ def _refuse_line(
 _feed = HttpToolsProtocol.data_received  # uvicorn's: the parser, then its callbacks
 
 
+class _Discard:
+    """Stands in for the parser after a refusal: what the client still sends is dropped."""
+
+    @staticmethod
+    def feed_data(data: bytes) -> None:
+        pass
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     client_timeout: float = 120.0
 
@@ -258,7 +271,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def _refuse(self, status: int, error: str) -> None:
-        """Answer a request the HTTP layer cannot pass to the app, log and count it, close."""
+        """Answer a request the HTTP layer cannot pass to the app, log and count it, and end the
+        connection (lingering: see LINGER_S)."""
         self._head_left = None
         method = path = ""
         if self.headers:  # the request line is complete once a header follows it
@@ -271,11 +285,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._disarm()
         rid = _refuse_line(status, error, method, path, self.headers, self.client, time.perf_counter() - age)
         cycle = self.cycle
-        # Pipelined behind an answer still under way, the refusal cannot be written: the close says it.
-        if cycle is None or cycle.response_complete:
-            message, code = _REFUSALS[status]
-            self.transport.write(_raw_error(status, message, code, rid))
-        self.transport.close()
+        transport = self.transport
+        if cycle is not None and not cycle.response_complete:
+            transport.close()  # pipelined behind an answer under way: nothing can be written
+            return
+        message, code = _REFUSALS[status]
+        transport.write(_raw_error(status, message, code, rid))
+        self.parser = _Discard()  # type: ignore[assignment]
+        if not transport.can_write_eof():  # TLS
+            transport.close()
+            return
+        transport.flush()  # type: ignore[attr-defined]
+        transport.write_eof()
+        self._guard = self.loop.call_later(LINGER_S, transport.close)
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to unparsable HTTP (e.g. invalid header characters), as OpenAI JSON."""

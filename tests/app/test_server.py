@@ -96,6 +96,19 @@ def test_a_head_over_the_bound_gets_431_as_soon_as_it_passes_it_and_nothing_is_f
     assert requests_counted(proxy, "/v1/chat/completions", 431) == counted + 1
 
 
+def test_a_client_still_sending_its_oversized_head_reads_the_431_not_a_reset(proxy):
+    """The client sends all of a 4 MiB header before it reads: the proxy, done with it after
+    MAX_HEAD_BYTES, half-closes and drops the rest instead of closing on unread bytes (a reset,
+    which can destroy the answer before the client reads it)."""
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.settimeout(10)
+        sock.sendall(HEAD % b"still-sending" + b"x-big: " + b"b" * (4 << 20))
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert refusal(data, 431)["code"] == "request_header_fields_too_large"
+
+
 def test_a_request_line_over_the_bound_gets_431(proxy, raw):
     before = forwarded(raw)
     error = refusal(exchange(proxy.port, b"GET /" + b"a" * MAX_HEAD_BYTES + b" HTTP/1.1\r\n\r\n"), 431)
