@@ -10,8 +10,9 @@ the app sees as a client hang-up.
 
 Nor does uvicorn (with httptools; its h11 protocol has a 16 KiB default) bound a request's head: a
 header of any size is gathered in memory, and forwarded. Here the request line and headers may
-take `MAX_HEAD_BYTES` and hold `MAX_HEADERS` fields; beyond either the client gets `431` and the
-connection is closed, as soon as the head passes the bound. Unparsable requests get an
+take `MAX_HEAD_BYTES` and hold `MAX_HEADERS` fields; beyond either the client gets `431`, as soon
+as the head passes the bound, and the connection ends (what it still sends is dropped unparsed for
+up to `LINGER_S`, so that it reads the answer rather than a reset). Unparsable requests get an
 OpenAI-shaped `400` instead of uvicorn's plain-text one. Each of these refusals (400, 408 while the
 head was arriving, 431) is one request line in the log and counted in the request metrics, like
 any answer of the app's.
