@@ -15,6 +15,7 @@ _TYPES = {
     408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
+    431: "invalid_request_error",
     499: "client_closed_request",
     500: "internal_server_error",
     502: "bad_gateway",

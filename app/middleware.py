@@ -25,6 +25,9 @@ RECORD_KEY = "app.record"
 BATCH_KEY = "app.batch_id"
 """Set in the scope of a batch line (app/batch/runner.py) to the batch's id: the request log line
 carries it. Only the runner builds such scopes: no client can set it."""
+REFUSED_KEY = "app.refused"
+"""Set by the HTTP server (app/server.py) when it refused a request the app had already been given
+(its body broke HTTP's framing): `(status, error)`, what the client got, for the request's line."""
 QUIET_PATHS = frozenset(
     {
         "/health",
@@ -156,6 +159,9 @@ class RequestContextMiddleware:
                 await send_with_id_safe(send, rec)
         finally:
             duration = time.perf_counter() - rec.start
+            if (refused := scope.get(REFUSED_KEY)) is not None:
+                rec.status, rec.error = refused
+                rec.disconnected = False
             if not quiet:
                 self.runtime.request_finished()
                 metrics.IN_FLIGHT.dec()

@@ -182,7 +182,8 @@ class Settings(BaseSettings):
         300,
         gt=0,
         description="Seconds a started response (a stream) may stay silent, queueing and long "
-        "prefills included, before the proxy gives up on it.",
+        "prefills included, before the proxy gives up on it; also how long the engine may leave a "
+        "request body unread (then 504).",
     )
     SSE_KEEPALIVE_INTERVAL: float = Field(
         15,

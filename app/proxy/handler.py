@@ -6,7 +6,13 @@ against the same bound. Responses are streamed out as they arrive, SSE included,
 headers (less hop-by-hop ones) and bytes as the engine sent them.
 
 A client that hangs up cancels the relay: the upstream connection is dropped, so the engine sees the
-disconnect and aborts the generation.
+disconnect and aborts the generation. An engine that breaks off a response the client is already
+receiving (it closes or resets mid-body, breaks its chunking, or goes silent past the idle timeout)
+ends the client's connection without the response's end: no last chunk, fewer bytes than the
+Content-Length, so no HTTP client takes it for a whole answer. A stream gets an SSE error event
+first (the OpenAI SDK raises it as an APIError); clients that only watch the transport (`vllm bench
+serve`, curl, fetch) see the connection end before the body did and fail the request instead of
+counting a cut answer as complete.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from app.proxy.sse import StreamObserver, usage_counts
 from app.proxy.upstream import Upstream, UpstreamError, UpstreamResponse
 from app.runtime import Phase, Runtime
 from app.security import MediaGuard, MediaRefused, bearer, is_admin_path, matches
-from app.server import HANGUP_HOOK
+from app.server import ABORT_HOOK, HANGUP_HOOK
 
 # Upstream failure -> (status, OpenAI error code); the one place this mapping lives.
 UPSTREAM_STATUS = {"connect": (502, "engine_unreachable"), "timeout": (504, "engine_timeout")}
@@ -50,6 +56,13 @@ _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 # Under a server without the hang-up hook, `receive` is watched from this age on: quicker
 # requests never pay for it.
 WATCH_AFTER_S = 0.05
+
+
+def _whole_events(data: bytes) -> bytes:
+    """`data` up to its last event boundary: an event the engine broke off is not relayed (a
+    client would parse it glued to what follows)."""
+    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\n\r\n")
+    return data[: max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)]
 
 
 class BodyTooLarge(Exception):
@@ -120,6 +133,14 @@ class _Hangup:
     def _on_message(self, fut: asyncio.Future) -> None:
         if not fut.cancelled() and fut.exception() is None and fut.result().get("type") == "http.disconnect":
             self._hung_up()
+
+    def abort(self) -> None:
+        """The response cannot be completed: end the client's connection without its end. Under a
+        server without the hook, returning without completing the response does it (uvicorn closes
+        the connection, and logs that the response was not completed)."""
+        self.stop()
+        if (hook := self._scope.get(ABORT_HOOK)) is not None:
+            hook(self._scope)
 
     def stop(self) -> None:
         """No more cancelling: the response is complete, or being completed. Idempotent."""
@@ -389,17 +410,19 @@ class ProxyHandler:
         except UpstreamError as exc:
             metrics.UPSTREAM_ERRORS.labels(exc.kind).inc()
             rec.error = f"stream broken: {exc}"
-            event = orjson.dumps(
-                {
-                    "error": {
-                        "message": f"The engine failed mid-stream: {exc}",
-                        "type": "engine_error",
-                        "param": None,
-                        "code": exc.kind,
+            # A stream whose length was announced (never vLLM's) cannot take an extra event.
+            if strip_usage or get_header(resp.headers, b"content-length") is None:
+                event = orjson.dumps(
+                    {
+                        "error": {
+                            "message": f"The engine failed mid-stream: {exc}",
+                            "type": "engine_error",
+                            "param": None,
+                            "code": exc.kind,
+                        }
                     }
-                }
-            )
-            tail = b"data: " + event + b"\n\n"
+                )
+                tail = b"data: " + event + b"\n\n"
         finally:
             if sweep is not None and keepalive is not None:
                 await sweep.close(keepalive)
@@ -407,8 +430,12 @@ class ProxyHandler:
             rec.ttft_s = observer.ttft_s
             rec.prompt_tokens, rec.completion_tokens = observer.prompt_tokens, observer.completion_tokens
             rec.error = rec.error or observer.error
-        watch.stop()
-        await send({"type": "http.response.body", "body": last + rest + tail})
+        if complete:
+            watch.stop()
+            await send({"type": "http.response.body", "body": last + rest})
+        else:  # the whole events, the error event, then the connection ends without the stream's end
+            await send({"type": "http.response.body", "body": _whole_events(rest) + tail, "more_body": True})
+            watch.abort()
         return complete
 
     async def _relay_body(self, resp: UpstreamResponse, send, rec, watch) -> bool:
@@ -417,10 +444,10 @@ class ProxyHandler:
         while True:
             try:
                 chunk = await resp.read()
-            except UpstreamError as exc:  # headers are out: all that is left is to end the response
+            except UpstreamError as exc:  # headers are out: the response must not look complete
                 metrics.UPSTREAM_ERRORS.labels(exc.kind).inc()
                 rec.error = f"response broken: {exc}"
-                await send({"type": "http.response.body", "body": b""})
+                watch.abort()
                 return False
             last = not chunk or resp.at_end
             if size <= _MAX_ACCOUNTED_BODY:

@@ -7,8 +7,15 @@ is the server side of uvicorn turned around: an `asyncio.Protocol` per connectio
 parser uvicorn uses) for responses, one `transport.write` per request, and bytes handed on as they
 arrive. It does what the proxy needs and nothing else: keep-alive pooling, `Content-Length` and
 chunked bodies both ways, flow control both ways, TLS for an external engine, timeouts (connect;
-silence before the response and between body chunks), and no redirects, cookies, decompression or
-header rewriting.
+an engine that stops reading the request; silence before the response and between body chunks),
+and no redirects, cookies, decompression or header rewriting.
+
+HTTP/1.1 as a client must take it (RFC 9112; tests/app/proxy/test_upstream_protocol.py): interim
+`1xx` answers are skipped, the final one is the response (`101` is refused: no upgrade is ever
+asked for); a response with neither length nor chunking ends when the engine closes (and its
+connection is not reused), one cut short by a close, a reset or broken chunking is an error; a
+connection goes back to the pool only after a complete response to a completely sent request, and
+bytes arriving on it while idle (an answer nobody asked for) end it.
 
 Failures are `UpstreamError`s of three kinds (`connect`, `timeout`, `protocol`); the handler maps
 them to statuses in one table.
@@ -33,6 +40,7 @@ ErrorKind = Literal["connect", "timeout", "protocol"]
 
 _HIGH_WATER = 1 << 20  # bytes queued from the engine before we stop reading its socket
 _LOW_WATER = 1 << 18
+_NO_BODY_METHODS = ("GET", "HEAD", "DELETE", "OPTIONS")
 
 
 class UpstreamError(Exception):
@@ -42,6 +50,10 @@ class UpstreamError(Exception):
     def __init__(self, kind: ErrorKind, message: str) -> None:
         super().__init__(message)
         self.kind: ErrorKind = kind
+
+
+class _Unsolicited(Exception):
+    """A second response began on a connection that had already answered: stop parsing there."""
 
 
 class _Connection(asyncio.Protocol):
@@ -66,7 +78,12 @@ class _Connection(asyncio.Protocol):
         self._reading_paused = False
         self._drain: asyncio.Future | None = None
         self._write_paused = False
+        self._write_left = 0  # bytes buffered for the engine at the last write-progress check
+        self._write_timer: asyncio.TimerHandle | None = None
         self.started = False  # any byte of the current response arrived
+        self.busy = False  # a request is out and its final response not yet complete
+        self.status = 0  # the final response's status, once its headers are in
+        self._interim = False  # the message being parsed is a 1xx
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -74,37 +91,61 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if not self.busy:  # nothing was asked on this connection: a stale or smuggled answer
+            self.abort()
+            return
         self.started = True
         self._last_data = self._loop.time()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamError("protocol", f"invalid HTTP from the engine: {exc}"))
+            cause = exc.__context__  # what a callback raised
+            if isinstance(cause, UpstreamError):
+                self._fail(cause)
+            elif not isinstance(cause, _Unsolicited):
+                self._fail(UpstreamError("protocol", f"invalid HTTP from the engine: {exc}"))
             self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if not self._complete:
-            self._fail(UpstreamError("protocol", "the engine closed the connection"))
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
+            if exc is None and self.status and self._reads_to_close():
+                self._complete = True  # a body without length or chunking ends with the connection
+                self.busy = False
+                self._disarm()
+                self._wake()
+            else:
+                self._fail(UpstreamError("protocol", "the engine closed the connection"))
+        self._wake_writer()
 
     def pause_writing(self) -> None:
         self._write_paused = True
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
+        self._wake_writer()
 
     # --- httptools callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if not self.busy:  # the final response is complete: whatever follows was not asked for
+            raise _Unsolicited
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200:  # 100 Continue, 102, 103 Early Hints: the final answer is still to come
+            if status == 101:
+                raise UpstreamError("protocol", "the engine switched protocols (101); none was asked for")
+            self._interim = True
+            self._headers = []
+            return
+        self.status = status
         if self._head is not None and not self._head.done():
-            self._head.set_result(self._parser.get_status_code())
+            self._head.set_result(status)
+        self._wake_writer()  # an answer before the whole body went out: stop sending it
 
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)
@@ -115,7 +156,11 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         self._complete = True
+        self.busy = False
         self._disarm()
         if not self._parser.should_keep_alive():
             self.closed = True
@@ -133,8 +178,19 @@ class _Connection(asyncio.Protocol):
         if self._loop.time() < deadline:
             self._watchdog = self._loop.call_at(deadline, self._check_idle)
             return
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(UpstreamError("timeout", "the engine did not answer in time"))
+        self._fail(UpstreamError("timeout", "the engine did not answer in time"))
+
+    def _reads_to_close(self) -> bool:
+        """The final response's body is delimited by the end of the connection (RFC 9112 6.3):
+        neither chunked (as the final coding) nor of a given length, and a status that has a body."""
+        if self.status in (204, 304):
+            return False
+        for name, value in self._headers:
+            if name == b"content-length":
+                return False
+            if name == b"transfer-encoding" and value.rstrip().lower().endswith(b"chunked"):
+                return False
+        return True
 
     def _disarm(self) -> None:
         if self._watchdog is not None:
@@ -147,11 +203,32 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     def _fail(self, error: UpstreamError) -> None:
+        if self._complete:  # the response already came through whole: nothing to fail
+            return
         if self._error is None:
             self._error = error
         if self._head is not None and not self._head.done():
             self._head.set_exception(error)
         self._wake()
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def _check_write(self, timeout: float) -> None:
+        """While a write waits for the engine to read: progress since the last look re-arms the
+        timer; none in `timeout` seconds is the engine not reading."""
+        drain = self._drain
+        if drain is None or drain.done() or self.transport is None:
+            return
+        left = self.transport.get_write_buffer_size()
+        if left < self._write_left:
+            self._write_left = left
+            self._write_timer = self._loop.call_later(timeout, self._check_write, timeout)
+        else:
+            drain.set_exception(UpstreamError("timeout", "the engine stopped reading the request"))
 
     def begin(self) -> asyncio.Future:
         """Reset per-response state; returns the future of the status code."""
@@ -161,17 +238,39 @@ class _Connection(asyncio.Protocol):
         self._complete = False
         self._error = None
         self.started = False
+        self.busy = True
+        self.status = 0
+        self._interim = False
         self._disarm()
         self._last_data = self._loop.time()
         self._head = self._loop.create_future()
         return self._head
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes, timeout: float) -> bool:
+        """Send request bytes, waiting while the engine reads slower than we write; raises
+        UpstreamError if it reads nothing for `timeout` seconds. False if the engine answered (or
+        closed) before taking them all: the rest of the request is not sent, and this connection is
+        not reused."""
+        if self.closed or self.status:
+            self.closed = True
+            return False
         assert self.transport is not None
         self.transport.write(data)
-        if self._write_paused and not self.closed:
-            self._drain = self._loop.create_future()
-            await self._drain
+        while self._write_paused:
+            if self.closed or self.status:
+                self.closed = True
+                return False
+            self._drain = drain = self._loop.create_future()
+            self._write_left = self.transport.get_write_buffer_size()
+            self._write_timer = self._loop.call_later(timeout, self._check_write, timeout)
+            try:
+                await drain
+            finally:
+                self._drain = None
+                if self._write_timer is not None:
+                    self._write_timer.cancel()
+                    self._write_timer = None
+        return True
 
     async def read(self, timeout: float) -> bytes:
         """The next body bytes, b"" at the end; raises UpstreamError after `timeout` seconds
@@ -197,6 +296,8 @@ class _Connection(asyncio.Protocol):
         self._queued -= len(chunk)
         if self._reading_paused and self._queued < _LOW_WATER and self.transport is not None:
             self._reading_paused = False
+            # While paused the engine could not send: its silence is counted from now on.
+            self._last_data = self._loop.time()
             self.transport.resume_reading()
         return chunk
 
@@ -267,6 +368,7 @@ class Upstream:
         first_byte_timeout: float,
         idle_timeout: float,
         keepalive: float = 4.0,
+        max_idle: int = 100,
     ) -> None:
         parts = urlsplit(base_url.rstrip("/"))
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -281,16 +383,18 @@ class Upstream:
         self._connect_timeout = connect_timeout
         self._first_byte_timeout = first_byte_timeout
         self._idle_timeout = idle_timeout
-        # Idle connections are dropped before the engine's own keep-alive (uvicorn: 5 s) ends them.
+        # Idle connections are dropped before the engine's own keep-alive (uvicorn: 5 s) ends them,
+        # and beyond `max_idle` (after a burst): the longest idle go first.
         self._keepalive = keepalive
-        self._idle: list[_Connection] = []
+        self._max_idle = max_idle
+        self._idle: collections.deque[_Connection] = collections.deque()  # oldest on the left
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
 
     async def close(self) -> None:
-        idle, self._idle = self._idle, []
+        idle, self._idle = self._idle, collections.deque()
         for conn in idle:
             conn.abort()
 
@@ -314,20 +418,27 @@ class Upstream:
         return conn
 
     def _take_idle(self) -> _Connection | None:
+        """The most recently used idle connection (the least likely to be closed by the engine)."""
         now = time.monotonic()
-        while self._idle:
-            conn = self._idle.pop()
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
             if not conn.closed and now - conn.idle_since < self._keepalive:
                 return conn
             conn.abort()
         return None
 
     def _put(self, conn: _Connection) -> None:
-        if conn.reusable:
-            conn.idle_since = time.monotonic()
-            self._idle.append(conn)
-        else:
+        if not conn.reusable:
             conn.abort()
+            return
+        now = conn.idle_since = time.monotonic()
+        idle = self._idle
+        idle.append(conn)
+        if len(idle) > self._max_idle:
+            idle.popleft().abort()
+        while now - idle[0].idle_since >= self._keepalive:  # expired: closed, not kept
+            idle.popleft().abort()
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -359,12 +470,13 @@ class Upstream:
         `transfer-encoding`): the client writes its own, from `body` (bytes) or `length` (a
         streamed body of known size; chunked otherwise)."""
         head_timeout = timeout if timeout is not None else self._first_byte_timeout
+        # Silence in either direction: the engine not sending, or not reading what we send.
         read_timeout = timeout if timeout is not None else self._idle_timeout
         if body is None or isinstance(body, bytes):
             if body:
                 framing = b"content-length: %d\r\n" % len(body)
             else:  # an empty POST still says so; a bodiless GET says nothing
-                framing = b"" if method in ("GET", "HEAD", "DELETE", "OPTIONS") else b"content-length: 0\r\n"
+                framing = b"" if method in _NO_BODY_METHODS else b"content-length: 0\r\n"
             message = self._head(method, target, headers, framing) + (body or b"")
             # A pooled connection the engine closed a moment ago fails before any response byte:
             # the engine never saw the request, so it is sent once more on a fresh connection.
@@ -375,7 +487,7 @@ class Upstream:
                     conn = await self._connect()
                 head_future = conn.begin()
                 try:
-                    await conn.write(message)
+                    await conn.write(message, read_timeout)
                     status = await self._await_head(conn, head_future, head_timeout)
                 except UpstreamError as exc:
                     conn.abort()
@@ -387,19 +499,24 @@ class Upstream:
                     raise
                 return self._response(conn, status, method, read_timeout)
             raise AssertionError("unreachable")
-        conn = self._take_idle() or await self._connect()
+        # A streamed body is read from the client as it goes out and cannot be sent twice: it never
+        # goes on a pooled connection the engine may have closed a moment ago.
+        conn = await self._connect()
         head_future = conn.begin()
         try:
             framing = (
                 b"transfer-encoding: chunked\r\n" if length is None else b"content-length: %d\r\n" % length
             )
-            await conn.write(self._head(method, target, headers, framing))
-            async for chunk in body:
-                if conn.closed:
-                    break
-                await conn.write(chunk if length is not None else b"%x\r\n%b\r\n" % (len(chunk), chunk))
-            if length is None:
-                await conn.write(b"0\r\n\r\n")
+            sending = await conn.write(self._head(method, target, headers, framing), read_timeout)
+            if sending:
+                async for chunk in body:
+                    if chunk and not await conn.write(
+                        chunk if length is not None else b"%x\r\n%b\r\n" % (len(chunk), chunk), read_timeout
+                    ):
+                        break  # the engine answered or closed: the rest is not sent
+                else:
+                    if length is None:
+                        await conn.write(b"0\r\n\r\n", read_timeout)
             status = await self._await_head(conn, head_future, head_timeout)
         except BaseException:
             conn.abort()
