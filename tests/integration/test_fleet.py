@@ -412,9 +412,9 @@ def test_kill_9_the_router_marks_it_unhealthy_new_requests_go_to_the_survivor_an
         time.sleep(2)  # requests the router now sends straight to the survivor
     stream.join(30)
     assert not stream.is_alive(), "the stream on the killed replica hung"
-    # Its stream was cut: the client sees the transfer fail, promptly, never a clean end.
-    assert "exc" in out or not out["lines"] or out["lines"][-1] != "data: [DONE]", out["lines"][-3:]
-    assert out["ended"] - killed < 15
+    # Its stream was cut: the client's HTTP library reports the incomplete response, promptly.
+    assert isinstance(out.get("exc"), httpx.TransportError), out
+    assert out["lines"][-1] != "data: [DONE]" and out["ended"] - killed < 15
     # The router saw the replica fail within one detection (interval x failures, + one check's time).
     assert noticed <= fleet_runner.detection_seconds() + fleet_runner.HEALTH_CHECK_TIMEOUT_S + 1
     # Every request of the victim's sessions succeeded: retried on the survivor while the router
@@ -423,6 +423,7 @@ def test_kill_9_the_router_marks_it_unhealthy_new_requests_go_to_the_survivor_an
     assert sent and all(status == 200 for *_, status in sent), [r for r in sent if r[3] != 200]
     assert all(served_by(fleet, rid) == survivor for _, _, rid, _ in sent)
     assert sum(router_metric(fleet, "vllm_router_retries_total").values()) > 0
+    print(f"kill -9: router noticed in {noticed:.1f} s; {len(sent)} requests after it, all 200")
 
     fleet.restart(victim)
     rejoined = wait_worker_health(fleet, victim, 1, timeout=30)
@@ -465,5 +466,9 @@ def test_sigterm_drains_a_replica_without_a_single_client_error(fleet):
         rid for sent_at, key, rid, _ in sent if key in placed[victim] and sent_at > sigterm + noticed + 0.5
     ]
     assert after and all(served_by(fleet, rid) == survivor for rid in after)
+    print(f"drain: router noticed in {noticed:.1f} s (grace {grace:g} s); {len(sent)} requests, all 200;")
+    print(
+        f"  {len(drained)} served by the draining replica in its grace, stream of {len(out['lines'])} lines ended [DONE]"
+    )
     events = [rec.get("event") for rec in records(replica)]
     assert "draining: /health answers 503, new requests still served" in events
