@@ -199,9 +199,11 @@ class Process:
     echo: Callable[[str], None] | None = None
     proc: subprocess.Popen | None = None
     _pump: threading.Thread | None = None
+    _log_start: int = 0
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.proc = subprocess.Popen(
             self.argv,
             env=self.env,
@@ -226,10 +228,12 @@ class Process:
         return self.proc is not None and self.proc.poll() is None
 
     def engine_groups(self) -> list[int]:
-        """The engine's process group (the launcher starts it in a session of its own)."""
+        """The engine's process group (the launcher starts it in a session of its own), as this
+        run logged it (a restart appends to the same file; an older run's pid may be reused)."""
         groups = []
-        with contextlib.suppress(FileNotFoundError):
-            for line in self.log_path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(FileNotFoundError), open(self.log_path, "rb") as log:
+            log.seek(self._log_start)
+            for line in log.read().decode("utf-8", "replace").splitlines():
                 if line.startswith("{") and '"engine started"' in line:
                     with contextlib.suppress(ValueError, KeyError):
                         groups.append(int(json.loads(line)["pid"]))

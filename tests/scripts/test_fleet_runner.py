@@ -99,3 +99,16 @@ def test_prometheus_files_are_the_repos_config_and_this_fleets_targets(tmp_path)
     router = json.loads((config.parent / "targets" / "vllm-router.json").read_text())
     assert replicas[0]["targets"] == [r.address for r in f.members]
     assert router[0]["targets"] == [f"127.0.0.1:{f.metrics_port}"]
+
+
+def test_a_restarted_replica_kills_only_the_engine_of_its_own_run(tmp_path):
+    """A restart appends to the same log: an older run's engine pid (perhaps reused by now by
+    another process) must not be taken for this run's."""
+    log = tmp_path / "replica.log"
+    log.write_text(json.dumps({"event": "engine started", "pid": 1}) + "\n")
+    line = json.dumps({"event": "engine started", "pid": 4242})
+    process = fleet.Process(name="r", argv=["/bin/echo", line], env={}, log_path=log)
+    process.start()
+    assert process.proc.wait(10) == 0  # not reap(): it would signal the groups it reads
+    process._pump.join(5)
+    assert process.engine_groups() == [4242]
