@@ -42,6 +42,8 @@ def fleet(tiny_models, stack_logs):
         "SERVED_MODEL_NAME": MODEL,
         "MAX_MODEL_LEN": "2048",
         "SCRAPE_INTERVAL": "0",
+        # A drain ends when its streams do; on a loaded 2-core machine a stream can take over 60 s.
+        "DRAIN_TIMEOUT": "300",
     }
     env.pop("DRAIN_GRACE_SECONDS")  # the test stacks' 0: the fleet sets the grace its router needs
     f = Fleet(env=env, workdir=stack_logs / "fleet", replicas=2)
@@ -132,7 +134,7 @@ def complete(
     return httpx.post(fleet.url + "/v1/completions", json=payload, headers=headers, timeout=60)
 
 
-def sessions_by_replica(fleet: Fleet, n: int = 16) -> dict[int, list[str]]:
+def sessions_by_replica(fleet: Fleet, n: int = 24) -> dict[int, list[str]]:
     """Where the router places n session keys (one request each)."""
     out: dict[int, list[str]] = {}
     for k in range(n):
@@ -167,7 +169,7 @@ def test_the_same_session_key_lands_on_the_same_replica_and_different_keys_sprea
     X-User-ID, ..., X-Request-ID), before anything in the body."""
     ensure_all_up(fleet)
     placed: dict[str, set[int]] = {}
-    for k in range(8):
+    for k in range(12):  # all on one replica: 1 run in 2,000
         key = f"sticky-{k}"
         for turn in range(3):  # a conversation: a different prompt every turn
             rid = uuid.uuid4().hex
@@ -197,7 +199,7 @@ def test_the_openai_user_field_is_not_a_session_key_for_this_router(fleet):
             time.sleep(0.05)
         raise AssertionError("no replica logged the request")
 
-    with_user = {place({"prompt": f"question {n}", "user": "alice"}) for n in range(10)}
+    with_user = {place({"prompt": f"question {n}", "user": "alice"}) for n in range(16)}
     assert with_user == {0, 1}
     same_prompt = {place({"prompt": "the same question"}) for _ in range(4)}
     assert len(same_prompt) == 1  # no key at all: the prompt's hash places it
@@ -354,6 +356,12 @@ class Traffic:
             n += 1
             time.sleep(0.05)
 
+    def wait_for(self, predicate, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate(list(self.results)):
+            assert time.monotonic() < deadline and self._thread.is_alive(), self.results[-5:]
+            time.sleep(0.1)
+
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(120)
@@ -409,7 +417,7 @@ def test_kill_9_the_router_marks_it_unhealthy_new_requests_go_to_the_survivor_an
         fleet.members[victim].kill()  # the replica's every process at once, as a crashed container
         killed = time.time()
         noticed = wait_worker_health(fleet, victim, 0, timeout=20)
-        time.sleep(2)  # requests the router now sends straight to the survivor
+        traffic.wait_for(lambda r: sum(sent >= killed + noticed for sent, *_ in r) >= 8, timeout=120)
     stream.join(30)
     assert not stream.is_alive(), "the stream on the killed replica hung"
     # Its stream was cut: the client's HTTP library reports the incomplete response, promptly.
@@ -417,11 +425,11 @@ def test_kill_9_the_router_marks_it_unhealthy_new_requests_go_to_the_survivor_an
     assert out["lines"][-1] != "data: [DONE]" and out["ended"] - killed < 15
     # The router saw the replica fail within one detection (interval x failures, + one check's time).
     assert noticed <= fleet_runner.detection_seconds() + fleet_runner.HEALTH_CHECK_TIMEOUT_S + 1
-    # Every request of the victim's sessions succeeded: retried on the survivor while the router
-    # still trusted the dead replica, sent straight to it afterwards.
+    # Every request of the victim's sessions succeeded: the one in flight and those sent while the
+    # router still trusted the dead replica were retried on the survivor, later ones sent to it.
+    assert all(status == 200 for *_, status in traffic.results), [r for r in traffic.results if r[3] != 200]
     sent = [r for r in traffic.results if r[0] >= killed]
-    assert sent and all(status == 200 for *_, status in sent), [r for r in sent if r[3] != 200]
-    assert all(served_by(fleet, rid) == survivor for _, _, rid, _ in sent)
+    assert sent and all(served_by(fleet, rid) == survivor for _, _, rid, _ in sent)
     assert sum(router_metric(fleet, "vllm_router_retries_total").values()) > 0
     print(f"kill -9: router noticed in {noticed:.1f} s; {len(sent)} requests after it, all 200")
 
@@ -444,13 +452,13 @@ def test_sigterm_drains_a_replica_without_a_single_client_error(fleet):
     keys = placed[victim][:2] + placed[survivor][:1]
     replica = fleet.members[victim]
     out: dict = {}
-    stream = stream_lines(fleet, keys[0], out, max_tokens=300)
+    stream = stream_lines(fleet, keys[0], out, max_tokens=150)
     with Traffic(fleet, keys) as traffic:
         time.sleep(0.5)
         replica.send(signal.SIGTERM)
         sigterm = time.time()
         noticed = wait_worker_health(fleet, victim, 0, timeout=20)
-        assert replica.reap(timeout=120) == 0
+        assert replica.reap(timeout=360) == 0
     stream.join(60)
     grace = fleet_runner.drain_grace_seconds()
     assert noticed < grace, (noticed, grace)  # out of rotation before it would refuse anything
