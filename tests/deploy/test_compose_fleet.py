@@ -13,7 +13,8 @@ import yaml
 from deploy_tools import ROOT
 from vllm_router.launch_router import parse_router_args
 
-from app.launcher import ENGINE_STOP_TIMEOUT
+from app.launcher import ENGINE_STOP_TIMEOUT, LEFTOVER_GRACE
+from app.server import server_config
 from app.settings import Settings
 from scripts import fleet
 
@@ -56,9 +57,16 @@ def test_each_replica_is_the_image_on_its_own_gpu_reached_only_through_the_route
     assert len({defaults(g) for g in gpus}) == len(FLEET)
 
 
-def test_a_replica_is_given_time_to_drain_before_docker_kills_it(services):
+def stop_needs_s() -> float:
+    """The longest stop of a replica: the grace, the drain, the server's graceful shutdown, the
+    engine's stop and its leftovers."""
     s = Settings(MODEL_NAME="m")
-    needed = s.DRAIN_GRACE_SECONDS + s.DRAIN_TIMEOUT + ENGINE_STOP_TIMEOUT
+    graceful = server_config(None, "127.0.0.1", 1, 1).timeout_graceful_shutdown
+    return s.DRAIN_GRACE_SECONDS + s.DRAIN_TIMEOUT + graceful + ENGINE_STOP_TIMEOUT + LEFTOVER_GRACE
+
+
+def test_a_replica_is_given_time_to_drain_before_docker_kills_it(services):
+    needed = stop_needs_s()
     for name in FLEET:
         assert int(services[name]["stop_grace_period"].removesuffix("s")) > needed
 

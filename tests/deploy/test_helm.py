@@ -19,7 +19,8 @@ from deploy_tools import ROOT, tool
 from vllm_router.launch_router import parse_router_args
 
 from app.engines.vllm import build_command
-from app.launcher import ENGINE_STOP_TIMEOUT
+from app.launcher import ENGINE_STOP_TIMEOUT, LEFTOVER_GRACE
+from app.server import server_config
 from app.settings import ENV_NAMES, Settings
 from scripts import fleet
 
@@ -274,7 +275,9 @@ def test_probes_fit_a_multi_minute_load_and_the_drain_fits_the_grace_period(exam
         settings = settings_from(container)
         pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
         assert pre_stop > 0
-        budget = pre_stop + settings.DRAIN_GRACE_SECONDS + settings.DRAIN_TIMEOUT + ENGINE_STOP_TIMEOUT
+        graceful = server_config(None, "127.0.0.1", 1, 1).timeout_graceful_shutdown
+        stops = graceful + ENGINE_STOP_TIMEOUT + LEFTOVER_GRACE
+        budget = pre_stop + settings.DRAIN_GRACE_SECONDS + settings.DRAIN_TIMEOUT + stops
         assert spec["terminationGracePeriodSeconds"] > budget, role
         router = parse_router_args(router_container(rendered[example])["args"])
         assert (

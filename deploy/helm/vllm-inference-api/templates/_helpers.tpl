@@ -48,7 +48,8 @@ app.kubernetes.io/component: {{ .role }}
 {{- if $d.terminationGracePeriodSeconds -}}
 {{- $d.terminationGracePeriodSeconds -}}
 {{- else -}}
-{{- add $d.preStopSeconds $d.graceSeconds $d.timeoutSeconds 30 10 -}}
+{{- /* + the server's graceful shutdown (5 s), the engine's stop (30 s), its leftovers (10 s), 5 s */ -}}
+{{- add $d.preStopSeconds $d.graceSeconds $d.timeoutSeconds 50 -}}
 {{- end -}}
 {{- end -}}
 
