@@ -42,8 +42,8 @@ DEFAULT_POLICY = "consistent_hash"
 """Same session key (X-Session-ID header), same replica: its prefix cache holds the conversation."""
 
 # The router's view of a replica. vLLM-router's defaults (a check every 60 s, 3 failures) leave a
-# stopping replica in rotation for up to three minutes; these make it ~4 s, and a replica's
-# DRAIN_GRACE_SECONDS covers that, plus a check's own latency.
+# stopping replica in rotation for up to three minutes; these make it 4 s plus one check's time, and
+# a replica's DRAIN_GRACE_SECONDS covers that.
 HEALTH_CHECK_INTERVAL_S = 2
 HEALTH_FAILURE_THRESHOLD = 2
 HEALTH_SUCCESS_THRESHOLD = 2
@@ -64,8 +64,8 @@ def detection_seconds() -> float:
 
 
 def drain_grace_seconds() -> float:
-    """The replicas' DRAIN_GRACE_SECONDS: one detection, plus one check's timeout."""
-    return detection_seconds() + HEALTH_CHECK_TIMEOUT_S / 2
+    """The replicas' DRAIN_GRACE_SECONDS: one detection, plus the longest a check may take."""
+    return detection_seconds() + HEALTH_CHECK_TIMEOUT_S
 
 
 def retry_span_seconds() -> float:

@@ -280,10 +280,8 @@ def test_probes_fit_a_multi_minute_load_and_the_drain_fits_the_grace_period(exam
         budget = pre_stop + settings.DRAIN_GRACE_SECONDS + settings.DRAIN_TIMEOUT + stops
         assert spec["terminationGracePeriodSeconds"] > budget, role
         router = parse_router_args(router_container(rendered[example])["args"])
-        assert (
-            router.health_check_interval_secs * max(router.health_failure_threshold, 3)
-            <= settings.DRAIN_GRACE_SECONDS
-        )
+        detection = router.health_check_interval_secs * max(router.health_failure_threshold, 3)
+        assert detection + router.health_check_timeout_secs <= settings.DRAIN_GRACE_SECONDS
 
 
 # --- the router ---------------------------------------------------------------------------------------
