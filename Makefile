@@ -70,3 +70,9 @@ docs: venv
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
+
+# Scale-out on one machine: REPLICAS (2) stacks of the tiny text model (the CPU path of `make dev`)
+# behind vllm-router on PORT (8000); ROUTER_POLICY overrides consistent_hash. scripts/fleet.py.
+.PHONY: fleet
+fleet: models
+	@export $(CPU_ENV) TINY_MODELS_DIR="$(MODELS_DIR)"; exec $(PY) -m scripts.fleet

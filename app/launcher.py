@@ -104,6 +104,7 @@ class Launcher:
         self.pump: asyncio.Future | None = None
         self._console = use_console(settings.LOG_FORMAT)
         self._last_level = "info"
+        self.signal_name: str | None = None
 
     # --- signals ------------------------------------------------------------------------------
 
@@ -114,6 +115,7 @@ class Launcher:
             self.force.set()
         else:
             log.info("signal received: draining", signal=name, in_flight=self.runtime.inflight)
+            self.signal_name = name
             self.stop.set()
 
     # --- the whole life -----------------------------------------------------------------------
@@ -260,6 +262,7 @@ class Launcher:
         return await self._drain()
 
     async def _drain(self) -> int:
+        await self._grace()
         self.runtime.set_phase(Phase.DRAINING)
         timeout = self.settings.DRAIN_TIMEOUT
         log.info("draining", in_flight=self.runtime.inflight, drain_timeout_s=timeout)
@@ -271,6 +274,21 @@ class Launcher:
             # What is still in flight gets the server's graceful shutdown, then is cancelled.
             log.warning("drain cut short", in_flight=self.runtime.inflight, drain_timeout_s=timeout)
         return 0
+
+    async def _grace(self) -> None:
+        """SIGTERM: `/health` answers 503 at once, but new requests are still served for
+        DRAIN_GRACE_SECONDS, so a router polling `/health` stops sending them before they would be
+        refused (it retries a 503 on the same replica until its health check notices)."""
+        grace = self.settings.DRAIN_GRACE_SECONDS
+        if grace <= 0 or self.signal_name != "SIGTERM":
+            return
+        self.runtime.grace = True
+        self.runtime.set_phase(Phase.DRAINING, "draining: still serving until routers notice")
+        log.info("draining: /health answers 503, new requests still served", grace_s=grace)
+        try:
+            await _first(asyncio.sleep(grace), self.force.wait())
+        finally:
+            self.runtime.grace = False
 
     # --- pieces -------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from typing import Any
 class Phase(enum.StrEnum):
     STARTING = "starting"  # checking the GPU, downloading the model, engine loading
     READY = "ready"
-    DRAINING = "draining"  # SIGTERM received: finishing in-flight requests, refusing new ones
+    DRAINING = "draining"  # SIGTERM received: finishing in-flight requests, then refusing new ones
     STOPPED = "stopped"  # the engine exited
 
 
@@ -28,6 +28,8 @@ class Runtime:
     model_path: str | None = None
     gpus: dict[str, Any] | None = None
     inflight: int = 0
+    grace: bool = False
+    """Draining, but still serving new requests (DRAIN_GRACE_SECONDS) until routers notice."""
     _idle: asyncio.Event | None = None
 
     def set_phase(self, phase: Phase, detail: str | None = None) -> None:
@@ -36,7 +38,7 @@ class Runtime:
 
     @property
     def accepting(self) -> bool:
-        return self.phase is Phase.READY
+        return self.phase is Phase.READY or (self.phase is Phase.DRAINING and self.grace)
 
     def request_started(self) -> None:
         self.inflight += 1

@@ -169,6 +169,15 @@ class Settings(BaseSettings):
         description="On SIGTERM, seconds in-flight requests (streams too) get to "
         "finish before the engine is stopped.",
     )
+    DRAIN_GRACE_SECONDS: float = Field(
+        6,
+        ge=0,
+        description="On SIGTERM, seconds during which `/health` already answers 503 but new requests "
+        "are still served, so a router or load balancer polling `/health` stops sending them first "
+        "(vllm-router: health-check interval x failure threshold + a check's timeout, 2 s x 2 + 2 s in "
+        "`make fleet`); then new requests get 503 and in-flight ones get DRAIN_TIMEOUT. Not on SIGINT "
+        "(Ctrl-C). 0: refuse at once.",
+    )
     UPSTREAM_CONNECT_TIMEOUT: float = Field(
         10, gt=0, description="Seconds to open a connection to the engine (then 502)."
     )

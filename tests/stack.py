@@ -28,6 +28,9 @@ CPU_ENV = {
     "ENGINE_EXTRA_ARGS": "--enforce-eager --distributed-executor-backend uni",
     "LOG_FORMAT": "json",
     "HF_HUB_OFFLINE": "1",
+    # No router polls a test's stack: SIGTERM refuses new requests at once and stop() is not slowed
+    # down (the grace is tested on the fleet, tests/integration/test_fleet.py).
+    "DRAIN_GRACE_SECONDS": "0",
 }
 
 

@@ -187,15 +187,17 @@ def _seconds(duration: str) -> float:
 
 
 def stop_needs_s() -> float:
-    """How long a SIGTERM'd container may take with the default settings: the drain, the proxy
-    server's graceful shutdown, then the engine's stop and its children's."""
+    """How long a SIGTERM'd container may take with the default settings: the grace in which new
+    requests are still served, the drain, the proxy server's graceful shutdown, then the engine's
+    stop and its children's."""
     from app import launcher
     from app.server import server_config
     from app.settings import Settings
 
     graceful = server_config(None, "127.0.0.1", 1, 1).timeout_graceful_shutdown
     drain = Settings.model_fields["DRAIN_TIMEOUT"].default
-    return drain + graceful + launcher.ENGINE_STOP_TIMEOUT + launcher.LEFTOVER_GRACE
+    grace = Settings.model_fields["DRAIN_GRACE_SECONDS"].default
+    return grace + drain + graceful + launcher.ENGINE_STOP_TIMEOUT + launcher.LEFTOVER_GRACE
 
 
 def test_compose_gives_the_container_longer_than_the_drain_to_stop(compose):

@@ -89,8 +89,10 @@ def test_every_variable_used_is_defined_and_templating_is_by_instance_and_model(
     for text in texts:
         for used in re.findall(r"\$\{?(\w+)", text):
             assert used in variables or used in GRAFANA_VARIABLES, (used, text)
-    for p in panels(d):  # every panel filters by instance
+    for p in panels(d):  # every panel filters by instance (the router's panels: see below)
         for t in p["targets"]:
+            if "vllm_router_" in t["expr"]:
+                continue
             assert 'instance=~"$instance"' in t["expr"], (p["title"], t["expr"])
 
 
@@ -118,3 +120,69 @@ def test_prometheus_config_is_valid_and_scrapes_the_service():
     (job,) = config["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
     assert job["static_configs"][0]["targets"] == ["vllm-api:8000"]
+
+
+# --- the fleet row (issue 17) -----------------------------------------------------------------------
+
+FLEET_PANELS = [
+    "Healthy replicas (router's view)",
+    "Router requests / s",
+    "Router retries / s",
+    "Retries exhausted / s",
+    "Replica health (router's view)",
+    "Router decisions per replica",
+    "Requests per replica",
+    "TTFT p95 per replica",
+]
+
+
+def fleet_row(dashboard: dict) -> list[dict]:
+    """The panels below the row titled "Fleet (vllm-router)", in order."""
+    rows = [p for p in dashboard["panels"] if p["type"] == "row"]
+    (fleet,) = [r for r in rows if r["title"].startswith("Fleet")]
+    below = [r["gridPos"]["y"] for r in rows if r["gridPos"]["y"] > fleet["gridPos"]["y"]]
+    end = min(below, default=10**6)
+    return [p for p in panels(dashboard) if fleet["gridPos"]["y"] < p["gridPos"]["y"] < end]
+
+
+def test_fleet_row_has_health_traffic_ttft_per_replica_and_router_decisions():
+    d = load_dashboard()
+    assert [p["title"] for p in fleet_row(d)] == FLEET_PANELS
+
+
+def test_router_panels_filter_by_the_router_variable_and_replicas_by_instance():
+    """The router's metrics carry the router's own `instance` and the replica as `worker`
+    (`http://<the replica's instance>`): the panels follow both selections."""
+    d = load_dashboard()
+    variables = {v["name"]: v for v in d["templating"]["list"]}
+    router = variables["router"]
+    assert router["includeAll"] and router["allValue"] == ".*"
+    assert router["query"]["query"] == "label_values(vllm_router_active_workers, instance)"
+    for p in panels(d):
+        for t in p["targets"]:
+            if "vllm_router_" not in t["expr"]:
+                continue
+            for selector in re.findall(r"vllm_router_\w+\{([^}]*)\}", t["expr"]):
+                assert 'instance=~"$router"' in selector, (p["title"], t["expr"])
+                if "worker" in t["legendFormat"] or "worker_health" in t["expr"]:
+                    assert 'worker=~"https?://($instance)"' in selector, (p["title"], t["expr"])
+
+
+def test_fleet_prometheus_config_is_valid_and_scrapes_the_replicas_and_the_router():
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool not found: apt-get install -y prometheus (.ci/run does)")
+    path = MONITORING / "fleet" / "prometheus.yml"
+    result = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    config = yaml.safe_load(path.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == {"vllm-api", "vllm-router"}
+    single = yaml.safe_load((MONITORING / "prometheus.yml").read_text())["scrape_configs"][0]
+    assert jobs["vllm-api"]["metrics_path"] == single["metrics_path"]  # the dashboard's job
+    for name, job in jobs.items():
+        (sd,) = job["file_sd_configs"]
+        (file,) = sd["files"]
+        assert file == f"targets/{name}.json"
+        targets = json.loads((path.parent / file).read_text())
+        assert targets and all(group["targets"] for group in targets), name

@@ -1,0 +1,506 @@
+"""deploy/helm/vllm-inference-api: every values example (default, LoRA, autoscaling, multi-node, PD) is
+linted in strict mode and rendered by a real Helm (helm-python-sdk: Helm's Go SDK, no binary, no
+cluster), every manifest is validated against the Kubernetes 1.37 schemas (kubernetes-validate
+--strict; the pod templates inside LeaderWorkerSets as Pods), and what the manifests ask of the
+programs is checked against the programs: the replicas' engine flags with vLLM's own parser (through
+the image's own flag builder), the router's arguments with vllm-router's parser, the drain budget
+with the launcher's timings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import helm_python as helm
+import pytest
+import yaml
+from deploy_tools import ROOT, tool
+from vllm_router.launch_router import parse_router_args
+
+from app.engines.vllm import build_command
+from app.launcher import ENGINE_STOP_TIMEOUT, LEFTOVER_GRACE
+from app.server import server_config
+from app.settings import ENV_NAMES, Settings
+from scripts import fleet
+
+CHART = ROOT / "deploy" / "helm" / "vllm-inference-api"
+EXAMPLES = {p.stem: p for p in sorted((CHART / "examples").glob("*.yaml"))}
+NAMESPACE = "llm"
+CORE_KINDS = {
+    "ConfigMap",
+    "Deployment",
+    "StatefulSet",
+    "Service",
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "PersistentVolumeClaim",
+    "PodDisruptionBudget",
+    "HorizontalPodAutoscaler",
+}
+CUSTOM_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("keda.sh/v1alpha1", "ScaledObject"),
+    ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"),
+}
+WORKLOADS = {"Deployment", "StatefulSet", "LeaderWorkerSet"}
+SECRET_SETTINGS = {"HF_TOKEN", "API_KEY", "ADMIN_API_KEY", "METRICS_API_KEY"}
+PENDING_SETTINGS = {"MODEL_PROFILE"}
+"""Settings the chart maps that another issue adds to app/settings.py (issue 16: model profiles)."""
+
+
+def values_of(example: str) -> dict:
+    return yaml.safe_load(EXAMPLES[example].read_text()) or {}
+
+
+def render(values: dict) -> list[dict]:
+    chart = helm.Chart.load(str(CHART))
+    out = chart.render(values, name="api", namespace=NAMESPACE)
+    return [
+        doc
+        for name, text in out.items()
+        if not name.endswith("NOTES.txt")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    return {name: render(values_of(name)) for name in EXAMPLES}
+
+
+def kind(docs: list[dict], k: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == k]
+
+
+def one(docs: list[dict], k: str, name_suffix: str = "") -> dict:
+    (doc,) = [d for d in docs if d["kind"] == k and d["metadata"]["name"].endswith(name_suffix)]
+    return doc
+
+
+def pod_templates(docs: list[dict]) -> list[tuple[str, dict]]:
+    """(role, pod template) of every workload; a LeaderWorkerSet gives its leader and worker."""
+    out = []
+    for d in docs:
+        if d["kind"] in ("Deployment", "StatefulSet"):
+            tpl = d["spec"]["template"]
+            out.append((tpl["metadata"]["labels"]["app.kubernetes.io/component"], tpl))
+        elif d["kind"] == "LeaderWorkerSet":
+            lwt = d["spec"]["leaderWorkerTemplate"]
+            out += [("replica", lwt["leaderTemplate"]), ("ray-worker", lwt["workerTemplate"])]
+    return out
+
+
+def serving(docs: list[dict]) -> list[tuple[str, dict]]:
+    return [(role, tpl) for role, tpl in pod_templates(docs) if role not in ("router", "ray-worker")]
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def settings_from(container: dict) -> Settings:
+    values = {name: e["value"] for name, e in env_of(container).items() if "value" in e and name in ENV_NAMES}
+    return Settings(**values)
+
+
+# --- Helm: lint and render -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_every_example_lints_clean_in_strict_mode(example):
+    report = helm.lint(str(CHART), values_of(example), strict=True, namespace=NAMESPACE)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_the_examples_are_the_five_the_readme_names():
+    assert set(EXAMPLES) == {"default", "lora", "autoscaling", "multinode", "pd"}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"router": {"policy": "least_busy"}},
+        {"persistence": {"mode": "somewhere"}},
+        {"replicaCuont": 3},
+        {"model": {"name": ""}},
+        {"env": {"lower_case": "x"}},
+        {"lora": {"modules": [{"name": "a=b", "path": "/x"}]}},
+    ],
+)
+def test_the_values_schema_refuses_bad_values(bad):
+    with pytest.raises(helm.HelmValuesError):
+        render(bad)
+
+
+def test_combinations_the_chart_cannot_serve_fail_with_a_sentence():
+    for values, words in [
+        ({"multiNode": {"enabled": True}, "disaggregation": {"enabled": True}}, "cannot be combined"),
+        ({"autoscaling": {"enabled": True}, "disaggregation": {"enabled": True}}, "not with disaggregation"),
+        ({"multiNode": {"enabled": True}, "persistence": {"mode": "perPod"}}, "perPod is not supported"),
+    ]:
+        with pytest.raises(helm.HelmRenderError, match=words):
+            render(values)
+
+
+# --- Kubernetes schemas ------------------------------------------------------------------------------
+
+
+def kubernetes_validate(docs: list[dict], folder: Path) -> subprocess.CompletedProcess:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, doc in enumerate(docs):
+        path = folder / f"{i:02d}-{doc['kind']}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        files.append(str(path))
+    return subprocess.run(
+        [tool("kubernetes-validate"), "--strict", *files], capture_output=True, text=True, timeout=120
+    )
+
+
+def as_pods(docs: list[dict]) -> list[dict]:
+    """The pod templates of custom workloads (LeaderWorkerSet), as Pods the schemas know."""
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"{role}-template", **tpl["metadata"]},
+            "spec": tpl["spec"],
+        }
+        for d in docs
+        if d["kind"] == "LeaderWorkerSet"
+        for role, tpl in pod_templates([d])
+    ]
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_every_manifest_is_valid_against_the_kubernetes_schemas(example, rendered, tmp_path):
+    docs = rendered[example]
+    core = [d for d in docs if d["kind"] in CORE_KINDS]
+    custom = [d for d in docs if d["kind"] not in CORE_KINDS]
+    assert {(d["apiVersion"], d["kind"]) for d in custom} <= CUSTOM_KINDS
+    result = kubernetes_validate(core + as_pods(docs), tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Couldn't find schema" not in result.stdout + result.stderr  # each one was checked
+    assert result.stdout.count(" passed ") == len(core + as_pods(docs))
+
+
+def test_kubernetes_validate_refuses_an_unknown_field(rendered, tmp_path):
+    deployment = json.loads(json.dumps(one(rendered["default"], "Deployment", "-api")))
+    deployment["spec"]["template"]["spec"]["containers"][0]["gpus"] = 1
+    result = kubernetes_validate([deployment], tmp_path)
+    assert result.returncode != 0
+
+
+# --- the replicas ------------------------------------------------------------------------------------
+
+
+def flags(argv: list[str]) -> list[str]:
+    """vLLM's own CLI arguments of the engine command (after `python -m module`)."""
+    assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    return argv[3:]
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_the_replicas_engine_flags_are_accepted_by_vllms_parser(example, rendered):
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parsed = {}
+    for role, tpl in serving(rendered[example]):
+        (container,) = tpl["spec"]["containers"]
+        settings = settings_from(container)
+        argv = build_command(settings, settings.MODEL_NAME)
+        parsed[role] = make_arg_parser(FlexibleArgumentParser()).parse_args(flags(argv))
+    assert parsed
+    if example == "lora":
+        args = parsed["replica"]
+        assert args.enable_lora and args.max_lora_rank == 16 and args.max_loras == 4
+        assert {m.name: m.path for m in args.lora_modules} == {
+            "sql": "/data/adapters/sql-lora",
+            "support": "/data/adapters/support-lora",
+        }
+    if example == "multinode":
+        args = parsed["replica"]
+        assert (args.tensor_parallel_size, args.pipeline_parallel_size) == (8, 2)
+        assert args.distributed_executor_backend == "ray"
+    if example == "pd":
+        assert set(parsed) == {"prefill", "decode"}
+        for args in parsed.values():
+            config = args.kv_transfer_config
+            assert config.kv_connector == "NixlConnector" and config.kv_role == "kv_both"
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_the_replicas_env_is_the_images_settings_and_keys_come_from_secrets(example, rendered):
+    for role, tpl in pod_templates(rendered[example]):
+        if role == "router":
+            continue
+        for container in tpl["spec"]["containers"]:
+            for name, entry in env_of(container).items():
+                known = (
+                    name in ENV_NAMES
+                    or name in PENDING_SETTINGS
+                    or name.startswith("VLLM_")
+                    or name == "POD_IP"
+                )
+                assert known, (example, name)
+                if name in SECRET_SETTINGS:
+                    assert "value" not in entry and entry["valueFrom"]["secretKeyRef"]["name"], (
+                        example,
+                        name,
+                    )
+
+
+def test_secrets_are_referenced_only_when_named(rendered):
+    env = env_of(one(rendered["default"], "Deployment", "-api")["spec"]["template"]["spec"]["containers"][0])
+    assert SECRET_SETTINGS & set(env) == {"HF_TOKEN"}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "HF_TOKEN"}
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_probes_fit_a_multi_minute_load_and_the_drain_fits_the_grace_period(example, rendered):
+    """Startup waits for the proxy (/ping answers from the first second, 204 while loading), readiness
+    is /health; Kubernetes kills the pod only after preStop, the drain grace, DRAIN_TIMEOUT and the
+    engine's stop; the grace covers the router's health check."""
+    for role, tpl in serving(rendered[example]):
+        spec = tpl["spec"]
+        (container,) = spec["containers"]
+        assert container["startupProbe"]["httpGet"]["path"] == "/ping"
+        assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+        assert "livenessProbe" not in container  # /ping is 503 while draining: it would kill the drain
+        settings = settings_from(container)
+        pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+        assert pre_stop > 0
+        graceful = server_config(None, "127.0.0.1", 1, 1).timeout_graceful_shutdown
+        stops = graceful + ENGINE_STOP_TIMEOUT + LEFTOVER_GRACE
+        budget = pre_stop + settings.DRAIN_GRACE_SECONDS + settings.DRAIN_TIMEOUT + stops
+        assert spec["terminationGracePeriodSeconds"] > budget, role
+        router = parse_router_args(router_container(rendered[example])["args"])
+        detection = router.health_check_interval_secs * max(router.health_failure_threshold, 3)
+        assert detection + router.health_check_timeout_secs <= settings.DRAIN_GRACE_SECONDS
+
+
+# --- the router ---------------------------------------------------------------------------------------
+
+
+def router_container(docs: list[dict]) -> dict:
+    (container,) = one(docs, "Deployment", "-router")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_the_router_discovers_exactly_the_serving_pods_of_this_release(example, rendered):
+    docs = rendered[example]
+    container = router_container(docs)
+    assert container["command"] == ["vllm-router"]
+    args = parse_router_args(container["args"])
+    args._validate_router_args()
+    assert args.service_discovery and args.service_discovery_namespace == NAMESPACE
+    assert args.service_discovery_port == 8000
+    labels = {role: tpl["metadata"]["labels"] for role, tpl in pod_templates(docs)}
+
+    def matches(selector: dict, role: str) -> bool:
+        return all(labels[role].get(k) == v for k, v in selector.items())
+
+    if example == "pd":
+        assert args.vllm_pd_disaggregation
+        assert [r for r in labels if matches(args.prefill_selector, r)] == ["prefill"]
+        assert [r for r in labels if matches(args.decode_selector, r)] == ["decode"]
+    else:
+        assert not args.vllm_pd_disaggregation
+        assert [r for r in labels if matches(args.selector, r)] == ["replica"]  # not Ray workers, not itself
+    assert args.host == "0.0.0.0" and args.prometheus_host == "0.0.0.0"
+    pod = one(docs, "Deployment", "-router")["spec"]["template"]["spec"]
+    binding = one(docs, "RoleBinding", "-router")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": NAMESPACE}
+    ]
+    (rule,) = one(docs, "Role", "-router")["rules"]
+    assert rule["resources"] == ["pods"] and {"list", "watch"} <= set(rule["verbs"])
+
+
+def test_the_router_checks_health_and_retries_as_make_fleet_does(rendered):
+    args = parse_router_args(router_container(rendered["default"])["args"])
+    expected = parse_router_args(["--worker-urls", "http://x:1", *fleet.router_flags()])
+    for flag in fleet.router_flags()[::2]:
+        attr = flag.removeprefix("--").replace("-", "_")
+        assert getattr(args, attr) == getattr(expected, attr), flag
+    assert args.policy == fleet.DEFAULT_POLICY
+
+
+def test_the_router_policy_comes_from_values():
+    args = parse_router_args(router_container(render({"router": {"policy": "power_of_two"}}))["args"])
+    assert args.policy == "power_of_two"
+
+
+# --- discovery, scraping, dashboards -----------------------------------------------------------------
+
+
+def test_the_headless_service_and_the_service_monitors_reach_every_replica_and_the_router(rendered):
+    docs = rendered["autoscaling"]  # the example with serviceMonitor.enabled
+    headless = one(docs, "Service", "-replicas")
+    assert headless["spec"]["clusterIP"] == "None"
+    (_, tpl) = serving(docs)[0]
+    assert all(tpl["metadata"]["labels"].get(k) == v for k, v in headless["spec"]["selector"].items())
+    router_service = one(docs, "Service", "-router")
+    monitors = {m["metadata"]["name"].rsplit("-", 1)[-1]: m for m in kind(docs, "ServiceMonitor")}
+    assert set(monitors) == {"replicas", "router"}
+    for service, monitor, job in (
+        (headless, monitors["replicas"], "vllm-api"),
+        (router_service, monitors["router"], "vllm-router"),
+    ):
+        spec = monitor["spec"]
+        labels = service["metadata"]["labels"]
+        assert all(labels.get(k) == v for k, v in spec["selector"]["matchLabels"].items())
+        assert labels[spec["jobLabel"]] == job  # the Grafana dashboard's job names
+        (endpoint,) = spec["endpoints"]
+        assert (
+            endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+            and endpoint["path"] == "/metrics"
+        )
+    assert kind(rendered["default"], "ServiceMonitor") == []  # off unless asked (needs the operator's CRD)
+
+
+def test_the_dashboard_configmap_is_the_repos_grafana_dashboard(rendered):
+    repo = ROOT / "monitoring" / "grafana" / "dashboards" / "vllm-inference-api.json"
+    assert (CHART / "dashboards" / "vllm-inference-api.json").read_bytes() == repo.read_bytes()
+    configmap = one(rendered["default"], "ConfigMap", "-dashboard")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(configmap["data"]["vllm-inference-api.json"]) == json.loads(repo.read_text())
+
+
+# --- scaling, disruption, storage ----------------------------------------------------------------------
+
+
+def workload(docs: list[dict]) -> dict:
+    (w,) = [d for d in docs if d["kind"] in WORKLOADS and not d["metadata"]["name"].endswith("-router")]
+    return w
+
+
+def test_keda_scales_the_replicas_on_the_engines_queue(rendered):
+    docs = rendered["autoscaling"]
+    target = workload(docs)
+    assert target["kind"] == "StatefulSet" and "replicas" not in target["spec"]  # the autoscaler owns it
+    scaled = one(docs, "ScaledObject")
+    ref = scaled["spec"]["scaleTargetRef"]
+    assert (ref["apiVersion"], ref["kind"], ref["name"]) == (
+        "apps/v1",
+        "StatefulSet",
+        target["metadata"]["name"],
+    )
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+    query = trigger["metadata"]["query"]
+    assert query.startswith("sum(vllm:num_requests_waiting{") and f'namespace="{NAMESPACE}"' in query
+    assert f'service="{one(docs, "Service", "-replicas")["metadata"]["name"]}"' in query
+    assert trigger["metadata"]["threshold"] == "4"
+
+
+def test_the_hpa_variant_scales_on_the_same_queue_through_the_custom_metrics_api(tmp_path):
+    docs = render(
+        {
+            **values_of("autoscaling"),
+            "autoscaling": {**values_of("autoscaling")["autoscaling"], "type": "hpa"},
+        }
+    )
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["pods"]["metric"]["name"] == "vllm_num_requests_waiting"
+    assert hpa["spec"]["scaleTargetRef"]["name"] == workload(docs)["metadata"]["name"]
+    assert kubernetes_validate([hpa], tmp_path).returncode == 0
+    lws = render({**values_of("multinode"), "autoscaling": {"enabled": True, "type": "hpa"}})
+    assert one(lws, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]["kind"] == "LeaderWorkerSet"
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_a_disruption_budget_covers_each_serving_workload(example, rendered):
+    docs = rendered[example]
+    budgets = kind(docs, "PodDisruptionBudget")
+    for role, tpl in serving(docs):
+        labels = tpl["metadata"]["labels"]
+        covering = [
+            b
+            for b in budgets
+            if all(labels.get(k) == v for k, v in b["spec"]["selector"]["matchLabels"].items())
+        ]
+        assert len(covering) == 1 and covering[0]["spec"]["maxUnavailable"] == 1, (example, role)
+
+
+def test_persistence_shared_per_pod_or_none():
+    def data_volume(docs):
+        spec = workload(docs)["spec"]
+        return (
+            next(v for v in spec["template"]["spec"].get("volumes", []) if v["name"] == "data")
+            if "template" in spec
+            else None
+        )
+
+    shared = render({})
+    claim = one(shared, "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert data_volume(shared)["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    existing = render({"persistence": {"mode": "shared", "existingClaim": "models"}})
+    assert kind(existing, "PersistentVolumeClaim") == []
+    assert data_volume(existing)["persistentVolumeClaim"]["claimName"] == "models"
+    per_pod = render({"persistence": {"mode": "perPod", "size": "50Gi"}})
+    statefulset = workload(per_pod)
+    assert statefulset["kind"] == "StatefulSet" and kind(per_pod, "PersistentVolumeClaim") == []
+    (template,) = statefulset["spec"]["volumeClaimTemplates"]
+    assert (
+        template["metadata"]["name"] == "data"
+        and template["spec"]["resources"]["requests"]["storage"] == "50Gi"
+    )
+    assert statefulset["spec"]["serviceName"] == one(per_pod, "Service", "-replicas")["metadata"]["name"]
+    assert data_volume(render({"persistence": {"mode": "none"}}))["emptyDir"] == {}
+
+
+def test_gpus_node_selectors_and_tolerations_reach_every_pod_that_needs_a_gpu(rendered):
+    for example in ("autoscaling", "multinode"):
+        values = values_of(example)
+        for role, tpl in pod_templates(rendered[example]):
+            if role == "router":
+                continue
+            spec = tpl["spec"]
+            (container,) = spec["containers"]
+            count = values.get("gpu", {}).get("count", 1)
+            assert container["resources"]["limits"]["nvidia.com/gpu"] == str(count), (example, role)
+            assert spec.get("tolerations") == values["tolerations"], (example, role)
+            assert spec.get("nodeSelector") == values.get("nodeSelector"), (example, role)
+            claims = [
+                c["metadata"]["name"]
+                for c in workload(rendered[example])["spec"].get("volumeClaimTemplates", [])
+            ]
+            assert sorted([v["name"] for v in spec["volumes"]] + claims) == ["data", "shm"], (example, role)
+
+
+# --- multi-node and disaggregation --------------------------------------------------------------------
+
+
+def test_multi_node_leader_runs_the_stack_after_the_ray_group_forms_workers_join_it(rendered):
+    from scripts import ray_node
+
+    lws = one(rendered["multinode"], "LeaderWorkerSet")
+    group = lws["spec"]["leaderWorkerTemplate"]
+    assert group["size"] == 2 and group["restartPolicy"] == "RecreateGroupOnPodRestart"
+    leader = group["leaderTemplate"]["spec"]["containers"][0]["command"]
+    worker = group["workerTemplate"]["spec"]["containers"][0]["command"]
+    assert leader[:2] == worker[:2] == ["python3", "/app/scripts/ray_node.py"]
+    assert leader[2:] == ["leader", "--nodes", "2", "--port", "6379"]
+    assert worker[2:] == ["worker", "--leader", "$(LWS_LEADER_ADDRESS)", "--port", "6379"]  # set by LWS
+    assert (ROOT / "scripts" / "ray_node.py").exists() and callable(ray_node.main)
+
+
+def test_disaggregation_side_channel_listens_on_the_pod_ip(rendered):
+    docs = rendered["pd"]
+    for role in ("prefill", "decode"):
+        (container,) = one(docs, "Deployment", f"-{role}")["spec"]["template"]["spec"]["containers"]
+        env = env_of(container)
+        assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+        assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"]["value"] == "$(POD_IP)"
+        port = int(env["VLLM_NIXL_SIDE_CHANNEL_PORT"]["value"])
+        assert port in {p["containerPort"] for p in container["ports"]}
+    assert one(docs, "Deployment", "-decode")["spec"]["replicas"] == 2
