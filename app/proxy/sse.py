@@ -67,6 +67,26 @@ def _last_events(block: bytes, n: int) -> bytes:
     return block[start:]
 
 
+_LAST_EVENTS = (
+    b"event: response.completed",  # Responses API
+    b"event: response.failed",
+    b"event: response.incomplete",
+    b"event: message_stop",  # Anthropic Messages API
+)
+
+
+def is_final(block: bytes) -> bool:
+    """Whether a block of whole events ends with a stream's last event (`data: [DONE]`, or the
+    closing event of the Responses or Messages API): once it is sent, the client has the whole
+    answer, and may close the connection at once (the OpenAI SDK does)."""
+    if block.endswith(b"[DONE]\n\n"):
+        return True
+    if not block:
+        return False
+    last = block[_event_start(block, len(block) - 2) :]
+    return last.startswith(_LAST_EVENTS)
+
+
 def _data(event: bytes) -> Any:
     """The parsed JSON of an event's `data:` field, or None (comments, `[DONE]`, non-JSON)."""
     for line in event.splitlines():
