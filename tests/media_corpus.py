@@ -43,7 +43,13 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
             "model": "m",
             "messages": [
                 {"role": "system", "content": "be brief"},
-                {"role": "user", "content": [{"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": P}}]},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "see"},
+                        {"type": "image_url", "image_url": {"url": P}},
+                    ],
+                },
                 {"role": "assistant", "content": "ok"},
                 {"role": "user", "content": [{"type": "input_image", "image_url": Q, "detail": "auto"}]},
             ],
@@ -55,7 +61,12 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "responses input image": (
         "/v1/responses",
-        {"model": "m", "input": [{"role": "user", "content": [{"type": "input_image", "image_url": Q, "detail": "auto"}]}]},
+        {
+            "model": "m",
+            "input": [
+                {"role": "user", "content": [{"type": "input_image", "image_url": Q, "detail": "auto"}]}
+            ],
+        },
     ),
     "responses input text only": ("/v1/responses", {"model": "m", "input": Q}),
     "anthropic image url": (
@@ -63,7 +74,9 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
         {
             "model": "m",
             "max_tokens": 4,
-            "messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": Q}}]}],
+            "messages": [
+                {"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": Q}}]}
+            ],
         },
     ),
     "anthropic image in tool_result": (
@@ -72,7 +85,10 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
             "model": "m",
             "max_tokens": 4,
             "messages": [
-                {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+                {
+                    "role": "assistant",
+                    "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}],
+                },
                 {
                     "role": "user",
                     "content": [
@@ -99,10 +115,18 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "score data_2": (
         "/score",
-        {"model": "m", "data_1": "q", "data_2": [{"content": [{"type": "image_url", "image_url": {"url": Q}}]}]},
+        {
+            "model": "m",
+            "data_1": "q",
+            "data_2": [{"content": [{"type": "image_url", "image_url": {"url": Q}}]}],
+        },
     ),
     "score text_1": (
         "/score",
-        {"model": "m", "text_1": {"content": [{"type": "video_url", "video_url": {"url": V}}]}, "text_2": "d"},
+        {
+            "model": "m",
+            "text_1": {"content": [{"type": "video_url", "video_url": {"url": V}}]},
+            "text_2": "d",
+        },
     ),
 }

@@ -116,6 +116,7 @@ class Recorder:
 
 
 def fetched() -> dict[str, dict[str, Any]]:
+    from media_corpus import CASES
     from pydantic import TypeAdapter
     from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
     from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
@@ -125,8 +126,6 @@ def fetched() -> dict[str, dict[str, Any]]:
     from vllm.entrypoints.pooling.scoring import utils as scoring
     from vllm.entrypoints.pooling.scoring.protocol import RerankRequest, ScoreRequest
     from vllm.renderers import chat_utils
-
-    from media_corpus import CASES
 
     recorder = Recorder()
 
