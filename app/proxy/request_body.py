@@ -189,12 +189,20 @@ def inspect_json(body: bytes, path: str, log_prompts: bool = False) -> RequestIn
     obj, fast = parse_json(body)
     if obj is _INVALID:
         return info
+    try:
+        _read(info, obj, fast, body, path, log_prompts)
+    except RecursionError:  # json.loads takes a little deeper nesting than the rest can walk
+        raise BodyRefused("JSON body nested too deeply") from None
+    return info
+
+
+def _read(info: RequestInfo, obj: Any, fast: bool, body: bytes, path: str, log_prompts: bool) -> None:
     # Every URL the engine could fetch is under a key ending in `url` (or in the top-level media
     # lists, always read): in UTF-8 JSON without a backslash escape, that key's bytes are there.
     deep = not fast or b'url"' in body or b"\\" in body
     info.media_urls = [u for u in media_urls(obj, deep=deep) if u[:5].lower() != "data:"]
     if not isinstance(obj, dict):
-        return info
+        return
     model = obj.get("model")
     if isinstance(model, str):
         info.model = model
@@ -209,4 +217,3 @@ def inspect_json(body: bytes, path: str, log_prompts: bool = False) -> RequestIn
             # would change.
             info.body = _with_stream_options(body, obj, fast)
             info.strip_usage = True
-    return info
