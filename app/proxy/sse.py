@@ -102,8 +102,12 @@ def _data(event: bytes) -> Any:
 
 
 def has_generated_output(obj: Any) -> bool:
-    """True if an event carries generated text, reasoning or a tool call (OpenAI chat, completions,
-    Responses API)."""
+    """True if an event reports a generated token (OpenAI chat, completions, Responses API), even
+    one whose text is still empty: vLLM holds back text that ends in an incomplete UTF-8 sequence
+    and skips special tokens, so a stream's tokens may all decode to "" (a tiny model's often do).
+    vLLM sends a completions chunk only for new tokens, and a chat chunk with an empty delta only
+    for the last ones (`finish_reason`) or with logprobs or token ids; the chat role chunk that
+    opens a stream is the one event with a choice and no token."""
     if not isinstance(obj, dict):
         return False
     choices = obj.get("choices")
@@ -111,7 +115,7 @@ def has_generated_output(obj: Any) -> bool:
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
-            if choice.get("text"):
+            if "text" in choice:  # completions
                 return True
             delta = choice.get("delta")
             if isinstance(delta, dict) and (
@@ -120,6 +124,8 @@ def has_generated_output(obj: Any) -> bool:
                 or delta.get("reasoning")
                 or delta.get("tool_calls")
             ):
+                return True
+            if choice.get("finish_reason") is not None or choice.get("logprobs") or choice.get("token_ids"):
                 return True
         return False
     kind = obj.get("type")
