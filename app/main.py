@@ -5,8 +5,8 @@
                 app/routes.py)             -> anything else: 400 or 404 from the dispatcher
 
 The pass-through is dispatched by the route table's exact lookup rather than through FastAPI's
-router, so the hot path pays for no framework. FastAPI's own docs routes are off: `/docs` and `/openapi.json` are
-the engine's, which describe the whole OpenAI API.
+router, so the hot path pays for no framework. FastAPI's own docs routes are off: `/docs` and
+`/openapi.json` are the engine's, which describe the whole OpenAI API.
 """
 
 from __future__ import annotations
