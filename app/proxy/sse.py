@@ -81,10 +81,9 @@ def is_final(block: bytes) -> bool:
     answer, and may close the connection at once (the OpenAI SDK does)."""
     if block.endswith(b"[DONE]\n\n"):
         return True
-    if not block:
+    if not block.startswith(b"event: "):  # chat and completions events are `data:` only
         return False
-    last = block[_event_start(block, len(block) - 2) :]
-    return last.startswith(_LAST_EVENTS)
+    return block.startswith(_LAST_EVENTS, _event_start(block, len(block) - 2))
 
 
 def _data(event: bytes) -> Any:

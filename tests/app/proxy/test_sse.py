@@ -184,3 +184,15 @@ def test_a_stream_without_tokens_has_no_ttft():
     observer.feed(chunk({"role": "assistant", "content": ""}) + b'data: {"error": {"message": "x"}}\n\n')
     observer.finish()
     assert observer.ttft_s is None
+
+
+def test_the_last_event_of_each_api_is_recognised():
+    from app.proxy.sse import is_final
+
+    token = chunk({"content": "a"})
+    assert is_final(token + DONE) and not is_final(token) and not is_final(token + token)
+    responses = b'event: response.output_text.delta\ndata: {"delta":"a"}\n\n'
+    assert not is_final(responses)
+    assert is_final(responses + b'event: response.completed\ndata: {"type":"response.completed"}\n\n')
+    assert is_final(b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+    assert not is_final(b'event: message_delta\ndata: {"type":"message_delta"}\n\n')
