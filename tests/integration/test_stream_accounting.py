@@ -1,6 +1,7 @@
 """What real clients see of a stream is what the proxy logs and counts (issue 12, section 5), with
-real vLLM (CPU) behind the proxy and the clients' own code in front: `vllm bench serve`'s request
-function and the OpenAI SDK."""
+real vLLM (CPU) behind the proxy and `vllm bench serve`'s own request function in front. (A stream
+the client closes at `data: [DONE]` is in tests/app/proxy/test_edge.py: whether vLLM's end of the
+response comes in the same read as that event is chance, so a fake engine makes it come later.)"""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import asyncio
 import random
 
 import pytest
-from openai import OpenAI
 
 pytestmark = pytest.mark.integration
 
@@ -51,23 +51,3 @@ def test_every_vllm_bench_serve_stream_is_logged_with_its_ttft(text_stack):
         assert line["status"] == 200 and line["model"] == MODEL
         assert line["ttft_ms"] is not None, (output.generated_text, line)
         assert line["completion_tokens"] == output.output_tokens == 8
-
-
-def test_openai_sdk_streams_closed_at_done_are_complete(text_stack):
-    """The SDK stops reading at `data: [DONE]`, and a client may close the connection at once:
-    when the stream's end came in a later read than that last event, it was logged as 499 with no
-    model."""
-    client = OpenAI(base_url=text_stack.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-    for i in range(20):
-        stream = client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": "hi"}],
-            max_tokens=4,
-            stream=True,
-            extra_headers={"x-request-id": f"sdk-done-{i}"},
-        )
-        for _ in stream:  # at [DONE] the SDK stops and closes the response, read to its end or not
-            pass
-    for i in range(20):
-        line = text_stack.request_log(f"sdk-done-{i}")
-        assert line["status"] == 200 and line["model"] == MODEL, line
