@@ -7,21 +7,21 @@
 
 `register()` adds the routes and runs the collector (app/metrics_collector.py) for the app's
 lifetime. With METRICS_API_KEY set, the JSON routes (like /metrics) need the key as a bearer
-token; the page itself holds no data and asks for the key when the JSON answers 401.
+token (checked by the dispatcher, from the route table in app/routes.py); the page itself holds no
+data and asks for the key when the JSON answers 401.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import itertools
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from app import metrics
@@ -32,30 +32,10 @@ from app.proxy.upstream import UpstreamError
 from app.runtime import Phase, Runtime
 from app.settings import Settings
 
-PATHS = frozenset({"/dashboard", "/api/v1/live_metrics", "/api/v1/historical_metrics"})
-PREFIX = "/api/v1/historical_metrics/"
-"""The dashboard's paths: answered by the proxy, never passed to the engine nor counted as requests."""
-
 PAGE = Path(__file__).parent / "static" / "dashboard.html"
 ENGINE_TIMEOUT = 5.0
 
 log = get_logger("app.dashboard")
-
-
-def authorized(request: Request, key: str | None) -> bool:
-    """True when no METRICS_API_KEY is set, or the request carries it as a bearer token."""
-    if not key:
-        return True
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
-
-
-def unauthorized() -> Response:
-    return JSONResponse(
-        {"error": {"message": "Missing or invalid METRICS_API_KEY: send `Authorization: Bearer <key>`."}},
-        status_code=401,
-        headers={"www-authenticate": "Bearer"},
-    )
 
 
 def open_store(settings: Settings) -> MetricsStore | None:
@@ -74,7 +54,6 @@ def open_store(settings: Settings) -> MetricsStore | None:
 
 def register(api: FastAPI, settings: Settings, runtime: Runtime, engine: Any, proxy: Any) -> Collector:
     """Add the dashboard's routes to `api` and run its collector during the app's lifespan."""
-    key = settings.METRICS_API_KEY.get_secret_value() if settings.METRICS_API_KEY else None
     store = open_store(settings)
 
     async def engine_metrics() -> bytes | None:
@@ -115,10 +94,8 @@ def register(api: FastAPI, settings: Settings, runtime: Runtime, engine: Any, pr
         return HTMLResponse(page, headers={"cache-control": "no-cache"})
 
     @api.get("/api/v1/live_metrics")
-    async def live_metrics(request: Request) -> Response:
+    async def live_metrics() -> Response:
         """Tiles: engine and GPU gauges now; rates and percentiles over the last minute."""
-        if not authorized(request, key):
-            return unauthorized()
         body = await collector.live()
         body.update(
             status=runtime.phase.value,
@@ -141,21 +118,15 @@ def register(api: FastAPI, settings: Settings, runtime: Runtime, engine: Any, pr
         }
 
     @api.get("/api/v1/historical_metrics")
-    async def historical_catalogue(request: Request) -> Response:
+    async def historical_catalogue() -> Response:
         """The series and windows the history serves, and the sources it holds."""
-        if not authorized(request, key):
-            return unauthorized()
         body = catalogue()
         body["sources"] = await asyncio.to_thread(store.sources) if store is not None else []
         return JSONResponse(body)
 
     @api.get("/api/v1/historical_metrics/{metric_name}")
-    async def historical_metrics(
-        request: Request, metric_name: str, window: str = "1h", source: str = "local"
-    ) -> Response:
+    async def historical_metrics(metric_name: str, window: str = "1h", source: str = "local") -> Response:
         """One series over the last hour, day or week, as `[[unix_ts, value], ...]`."""
-        if not authorized(request, key):
-            return unauthorized()
         problems = []
         if metric_name not in SERIES:
             problems.append(f"unknown metric {metric_name!r}")

@@ -1,11 +1,12 @@
-"""The ASGI application: the proxy's own routes on FastAPI, everything else passed to the engine.
+"""The ASGI application: the proxy's own routes on FastAPI, the engine's passed to the engine.
 
-    request -> RequestContextMiddleware -> /health /ping /info /metrics: FastAPI
-                                        -> any other path: ProxyHandler (plain ASGI, no routing)
+    request -> RequestContextMiddleware -> local routes (/health /ping /info /metrics ...): FastAPI
+               (classifies the path:       -> engine and admin routes: ProxyHandler (plain ASGI)
+                app/routes.py)             -> anything else: 400 or 404 from the dispatcher
 
-The pass-through is dispatched by an exact path lookup rather than through FastAPI's router, so the
-hot path pays for no framework. FastAPI's own docs routes are off: `/docs` and `/openapi.json` are
-the engine's, which describe the whole OpenAI API.
+The pass-through is dispatched by the route table's exact lookup rather than through FastAPI's
+router, so the hot path pays for no framework. FastAPI's own docs routes are off: `/docs` and
+`/openapi.json` are the engine's, which describe the whole OpenAI API.
 """
 
 from __future__ import annotations
@@ -14,67 +15,92 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.middleware.cors import CORSMiddleware
 
 from app import __version__, dashboard, metrics
 from app.batch import BatchService
-from app.batch import owns as batch_owns
 from app.engines import engine_for
 from app.errors import send_error
-from app.middleware import RequestContextMiddleware
+from app.middleware import RECORD_KEY, RequestContextMiddleware, RequestRecord
 from app.proxy.handler import ProxyHandler
-from app.proxy.headers import get_header
 from app.proxy.upstream import Upstream, UpstreamError
+from app.routes import ANSWERED, API_KEY, BAD_PATH, BATCH, OPEN, PROXIED
 from app.runtime import Phase, Runtime
-from app.security import MediaGuard, bearer, load_keys, matches
+from app.security import (
+    SEVERAL_AUTHORIZATION,
+    MediaGuard,
+    authorization,
+    bearer,
+    load_keys,
+    mask_url_userinfo,
+    matches,
+)
 from app.settings import Settings
 
-LOCAL_PATHS = frozenset({"/health", "/ping", "/info", "/metrics"}) | dashboard.PATHS
-LOCAL_PREFIX = dashboard.PREFIX
 HEALTH_TIMEOUT = 5.0
 
 
-KEYED_LOCAL_PATHS = frozenset({"/info"})
-"""Local routes that need an API key when keys are set (probes stay open)."""
-
-
 class Dispatcher:
-    def __init__(self, local: Any, proxy: Any, keys: list[bytes], batch: Any = None) -> None:
+    """Sends each request where the route table (app/routes.py) says: the proxy's own routes
+    (after their key check) to FastAPI or the Batch API, engine routes to the pass-through,
+    anything else a 400 (a path that could be routed differently than it was checked) or a 404,
+    never to the engine."""
+
+    def __init__(
+        self, local: Any, proxy: Any, keys: list[bytes], metrics_key: bytes | None, batch: Any
+    ) -> None:
         self.local = local
         self.proxy = proxy
         self.keys = keys
+        self.metrics_key = metrics_key
         self.batch = batch
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            path = scope["path"]
-            # Batch API (issue 21): /v1/files*, /v1/batches*, behind the same API keys as engine routes.
-            if self.batch is not None and batch_owns(path):
-                if self.keys and not matches(
-                    bearer(get_header(scope["headers"], b"authorization")), self.keys
-                ):
-                    await send_error(
-                        send,
-                        401,
-                        "Missing or invalid API key: send `Authorization: Bearer <API_KEY>`.",
-                        code="invalid_api_key",
-                        headers=[(b"www-authenticate", b"Bearer")],
-                    )
-                    return
-                await self.batch(scope, receive, send)
+        if scope["type"] != "http":
+            await self.local(scope, receive, send)
+            return
+        rec: RequestRecord = scope[RECORD_KEY]
+        route = rec.route
+        if route is not None and route.kind in PROXIED:
+            await self.proxy(scope, receive, send)
+            return
+        if route is None or route.kind not in ANSWERED:
+            await refuse_path(scope["path"], rec, send)
+            return
+        if route.auth != OPEN:
+            auth, several = authorization(scope["headers"])
+            if several:
+                await send_error(send, 400, SEVERAL_AUTHORIZATION, code="invalid_authorization")
                 return
-            if path not in LOCAL_PATHS and not path.startswith(LOCAL_PREFIX):
-                await self.proxy(scope, receive, send)
+            keys = self.keys if route.auth == API_KEY else [self.metrics_key] if self.metrics_key else []
+            if keys and not matches(bearer(auth), keys):
+                which = "API key" if route.auth == API_KEY else "METRICS_API_KEY"
+                await send_error(
+                    send,
+                    401,
+                    f"Missing or invalid {which}: send `Authorization: Bearer <key>`.",
+                    code="invalid_api_key",
+                    headers=[(b"www-authenticate", b"Bearer")],
+                )
                 return
-            if self.keys and path in KEYED_LOCAL_PATHS:
-                headers = scope["headers"]
-                if not matches(bearer(get_header(headers, b"authorization")), self.keys):
-                    await send_error(send, 401, "Missing or invalid API key.", code="invalid_api_key")
-                    return
-        await self.local(scope, receive, send)
+        await (self.batch if route.kind == BATCH else self.local)(scope, receive, send)
+
+
+async def refuse_path(path: str, rec: RequestRecord, send: Any) -> None:
+    """400 for a path holding what only percent-encoding can put there, 404 for an unknown one."""
+    rec.status = 400 if BAD_PATH.search(path) else 404
+    if rec.status == 400:
+        rec.error = "path refused"
+        message = "The request path holds a control character, space, `?` or `#` (percent-encoded)."
+        code = "invalid_path"
+    else:
+        rec.error = "unknown route"
+        message = "Unknown route: this server serves the OpenAI-compatible API (see /docs)."
+        code = "not_found"
+    await send_error(send, rec.status, message, code=code, headers=[rec.id_header])
 
 
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> Any:
@@ -122,7 +148,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     )
     api.state.settings = settings
     api.state.runtime = runtime
-    metrics_key = settings.METRICS_API_KEY.get_secret_value() if settings.METRICS_API_KEY else None
+    metrics_key = settings.METRICS_API_KEY.get_secret_value().encode() if settings.METRICS_API_KEY else None
 
     async def engine_check() -> tuple[bool, str]:
         """(healthy, detail): the launcher's view of the engine, then the engine's own /health."""
@@ -174,7 +200,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             "engine": {
                 "name": engine.name,
                 "version": runtime.engine_version,
-                "url": settings.engine_url,
+                "url": mask_url_userinfo(settings.engine_url),
                 "command": runtime.engine_command,
             },
             "device": settings.DEVICE,
@@ -184,10 +210,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         }
 
     @api.get("/metrics")
-    async def metrics_endpoint(request: Request) -> Response:
-        """The proxy's metrics, then the engine's own `vllm:*` families: one scrape per replica."""
-        if not dashboard.authorized(request, metrics_key):
-            return dashboard.unauthorized()
+    async def metrics_endpoint() -> Response:
+        """The proxy's metrics, then the engine's own `vllm:*` families: one scrape per replica.
+        METRICS_API_KEY is checked by the dispatcher (the route table says who may call what)."""
         own = generate_latest(metrics.REGISTRY)
         engine_text = b""
         if runtime.phase in (Phase.READY, Phase.DRAINING) and proxy.upstream is not None:
@@ -202,13 +227,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     dashboard.register(api, settings, runtime, engine, proxy)
     batch = BatchService(settings, runtime, keys)
     batch.register(api)  # the batch store and runner live in the app's lifespan
-    app: Any = RequestContextMiddleware(
-        Dispatcher(api, proxy, keys, batch),
-        runtime,
-        self_headed=lambda path: (
-            path not in LOCAL_PATHS and not path.startswith(LOCAL_PREFIX) and not batch_owns(path)
-        ),
-    )
+    app: Any = RequestContextMiddleware(Dispatcher(api, proxy, keys, metrics_key, batch), runtime)
     batch.pipeline = app  # batch lines take the live requests' path: log line, metrics, keys, proxy
     origins = [o.strip() for o in settings.CORS_ALLOW_ORIGINS.split(",") if o.strip()]
     if origins:  # off by default; the engine's own CORS headers are always dropped by the proxy

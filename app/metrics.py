@@ -26,36 +26,14 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
 PlatformCollector(registry=REGISTRY)
 
-# Routes get their own label value; anything else is "other" so clients cannot mint label values.
-ROUTES = frozenset(
-    {
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/v1/responses",
-        "/v1/models",
-        "/v1/audio/transcriptions",
-        "/v1/audio/translations",
-        "/v1/messages",
-        "/v1/score",
-        "/v1/rerank",
-        "/tokenize",
-        "/detokenize",
-        "/pooling",
-        "/classify",
-        "/score",
-        "/rerank",
-        "/info",
-        "/version",
-    }
-)
-
 LATENCY_BUCKETS = (
     0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0,
     45.0, 60.0, 120.0, 300.0,
 )  # fmt: skip
 TOKENS_PER_SECOND_BUCKETS = (1, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 2000, 5000)
 
+# The `route` label is the route table's template (app/routes.py), `other` for unknown paths: a
+# bounded set clients cannot add to.
 REQUESTS = Counter(
     f"{PREFIX}_requests",
     "Requests answered by the proxy, by route, model and HTTP status (499: client hung up).",
@@ -128,10 +106,6 @@ BATCH_IN_FLIGHT = Gauge(
     "Batch lines being answered now (also counted in requests_in_flight).",
     registry=REGISTRY,
 )
-
-
-def route_label(path: str) -> str:
-    return path if path in ROUTES else "other"
 
 
 # Labelled counters are exported at zero from the start, so "no errors" reads 0 rather than no data.

@@ -19,6 +19,7 @@ import structlog
 from app import logs, metrics
 from app.errors import send_error
 from app.proxy.headers import get_header
+from app.routes import ANSWERED, Route, classify, route_label
 from app.runtime import Runtime
 
 RECORD_KEY = "app.record"
@@ -28,19 +29,10 @@ carries it. Only the runner builds such scopes: no client can set it."""
 REFUSED_KEY = "app.refused"
 """Set by the HTTP server (app/server.py) when it refused a request the app had already been given
 (its body broke HTTP's framing): `(status, error)`, what the client got, for the request's line."""
-QUIET_PATHS = frozenset(
-    {
-        "/health",
-        "/ping",
-        "/metrics",
-        "/favicon.ico",
-        "/dashboard",
-        "/api/v1/live_metrics",
-        "/api/v1/historical_metrics",
-    }
-)
-QUIET_PREFIX = "/api/v1/historical_metrics/"
-"""Probes, scrapes and the dashboard's polling: no request metrics, and their log line only at DEBUG."""
+# Longest values a log line holds whole (clients choose them; the rest is cut, its length noted).
+MAX_LOGGED_MODEL = 256
+MAX_LOGGED_PATH = 1024
+MAX_LOGGED_ERROR = 1024
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 
@@ -68,6 +60,8 @@ class RequestRecord:
     """Only with LOG_PROMPTS: the request's prompt, inline media elided."""
     batch_id: str | None = None
     """A line of a batch (Batch API): the batch's id."""
+    route: Route | None = None
+    """The path's entry in the route table (app/routes.py); None: unknown or refused."""
 
     @property
     def id_header(self) -> tuple[bytes, bytes]:
@@ -80,9 +74,9 @@ class RequestRecord:
         return {
             "request_id": self.request_id,
             "method": self.method,
-            "path": self.path,
+            "path": _cut(self.path, MAX_LOGGED_PATH),
             "status": 499 if self.disconnected else self.status,
-            "model": self.model,
+            "model": _cut(self.model, MAX_LOGGED_MODEL),
             "stream": self.stream,
             "duration_ms": round(duration_s * 1000, 2),
             "ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1000, 2),
@@ -91,10 +85,16 @@ class RequestRecord:
             "tokens_per_second": tps,
             "modalities": self.modalities,
             "client": self.client,
-            "error": self.error,
+            "error": _cut(self.error, MAX_LOGGED_ERROR),
             **({"prompt": self.prompt} if self.prompt is not None else {}),
             **({"batch_id": self.batch_id} if self.batch_id is not None else {}),
         }
+
+
+def _cut(value: str | None, limit: int) -> str | None:
+    if value is None or len(value) <= limit:
+        return value
+    return f"{value[:limit]}...<{len(value) - limit} more chars>"
 
 
 _ID_PREFIX = os.urandom(8).hex()
@@ -111,14 +111,14 @@ def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
 
 
 class RequestContextMiddleware:
-    """`self_headed`: paths whose app sets `rec.status` and the `x-request-id` header itself (the
-    pass-through, which sends up to one message per streamed token: wrapping `send` would cost a
-    call each); every other path gets `send` wrapped to do it."""
+    """Classifies the path (app/routes.py) once for everyone after it. The proxy's own routes get
+    `send` wrapped to set `rec.status` and add `x-request-id`; every other request's app does that
+    itself (the pass-through sends up to one message per streamed token: wrapping `send` would cost
+    a call each)."""
 
-    def __init__(self, app: Any, runtime: Runtime, self_headed: Any = lambda path: False) -> None:
+    def __init__(self, app: Any, runtime: Runtime) -> None:
         self.app = app
         self.runtime = runtime
-        self.self_headed = self_headed
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -133,14 +133,15 @@ class RequestContextMiddleware:
             client=f"{client[0]}:{client[1]}" if client else None,
             batch_id=scope.get(BATCH_KEY),
         )
+        rec.route = route = classify(rec.path)
         scope[RECORD_KEY] = rec
         structlog.contextvars.bind_contextvars(request_id=rid)
-        quiet = rec.path in QUIET_PATHS or rec.path.startswith(QUIET_PREFIX)
+        quiet = route is not None and route.quiet
         if not quiet:
             self.runtime.request_started()
             metrics.IN_FLIGHT.inc()
 
-        if self.self_headed(rec.path):
+        if route is None or route.kind not in ANSWERED:
             inner_send = send
         else:
 
@@ -205,8 +206,8 @@ def _series(route: str, model: str, status: int) -> tuple[Any, ...]:
 def observe(rec: RequestRecord, duration: float) -> None:
     status = 499 if rec.disconnected else rec.status
     # Only a request the engine accepted names a model label: clients cannot mint label values.
-    model = rec.model if (rec.model and 200 <= status < 400) else ""
-    requests, latency, ttft, prompt, completion, tps = _series(metrics.route_label(rec.path), model, status)
+    model = rec.model if (rec.model and 200 <= status < 400 and len(rec.model) <= MAX_LOGGED_MODEL) else ""
+    requests, latency, ttft, prompt, completion, tps = _series(route_label(rec.route), model, status)
     requests.inc()
     latency.observe(duration)
     if rec.ttft_s is not None:

@@ -2,11 +2,13 @@
 
 - API keys: one or several (`API_KEY`, comma-separated, and/or `API_KEY_FILE`, one per line),
   compared in constant time against every configured key.
-- Admin routes: engine endpoints that change or expose the server rather than answer a request
-  (LoRA loading, elastic scaling, aborting other requests, dev-mode routes...). Refused unless the
-  request carries `ADMIN_API_KEY`.
-- Media URLs (SSRF): every `http(s)` URL in a request's content parts is checked before the engine
-  sees it: no userinfo, no backslash or control characters (the parser-differential tricks of
+- Admin routes (app/routes.py): engine endpoints that change or expose the server rather than
+  answer a request (LoRA loading, elastic scaling, aborting other requests, dev-mode routes...).
+  Refused unless the request carries `ADMIN_API_KEY`.
+- One `Authorization` header: a request with several is refused (400) on every route, so the proxy
+  and the engine (Starlette reads the first) can never read different keys.
+- Media URLs (SSRF): every `http(s)` URL the engine could fetch from a request body (see
+  `media_urls`) is checked before the engine sees it: no userinfo, no backslash or control characters (the parser-differential tricks of
   GHSA-v359-jj2v-j536 / CVE-2026-24779), only `ALLOWED_MEDIA_DOMAINS` when set, and never a host that
   resolves to a private, loopback, link-local or otherwise non-public address unless
   `ALLOW_PRIVATE_MEDIA_URLS`. The engine is also told not to follow redirects and gets the same
@@ -26,41 +28,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-# Engine routes that are not for API clients. Exact paths, then prefixes.
-ADMIN_PATHS = frozenset(
-    {
-        "/v1/load_lora_adapter",
-        "/v1/unload_lora_adapter",
-        "/invocations",
-        "/scale_elastic_ep",
-        "/is_scaling_elastic_ep",
-        "/inference/v1/abort_requests",
-        "/kv_event_sources",
-        # vLLM's dev-mode routes (VLLM_SERVER_DEV_MODE=1)
-        "/reset_prefix_cache",
-        "/reset_mm_cache",
-        "/reset_encoder_cache",
-        "/sleep",
-        "/wake_up",
-        "/is_sleeping",
-        "/collective_rpc",
-        "/pause",
-        "/resume",
-        "/is_paused",
-        "/server_info",
-        "/start_profile",
-        "/stop_profile",
-        "/update_weights",
-        "/get_world_size",
-    }
-)
-ADMIN_PREFIXES = ("/init_weight_transfer", "/update_weights", "/v1/lora")
-
-
-def is_admin_path(path: str) -> bool:
-    return path in ADMIN_PATHS or path.startswith(ADMIN_PREFIXES)
-
-
 # --- keys -----------------------------------------------------------------------------------------
 
 
@@ -76,6 +43,29 @@ def load_keys(inline: str | None, file: Path | None) -> list[bytes]:
             line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
         ]
     return [k.encode() for k in keys]
+
+
+SEVERAL_AUTHORIZATION = "Send one Authorization header, not several."
+
+
+def authorization(headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None, bool]:
+    """(the Authorization header, whether there are several): several are refused everywhere."""
+    found = None
+    for name, value in headers:
+        if name == b"authorization":
+            if found is not None:
+                return found, True
+            found = value
+    return found, False
+
+
+def mask_url_userinfo(url: str) -> str:
+    """The URL with any `user:password@` replaced by `***@`, for display."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if not sep or "@" not in authority:
+        return url
+    return f"{scheme}://***@{authority.rsplit('@', 1)[1]}{slash}{path}"
 
 
 def bearer(value: bytes | None) -> bytes | None:
@@ -95,40 +85,54 @@ def matches(token: bytes | None, keys: Iterable[bytes]) -> bool:
 
 # --- media URLs -------------------------------------------------------------------------------------
 
-_URL_PART_TYPES = frozenset(
-    {"image_url", "video_url", "audio_url", "input_image", "input_video", "input_audio_url"}
-)
 _FORBIDDEN = re.compile(r"[\x00-\x20\x7f\\]")
 
+# Where vLLM 0.32 reads a URL to fetch (derived from its code; tests/app/test_media_parity.py replays
+# bodies through vLLM's own parsers to show the two agree):
+# - content parts (renderers/chat_utils.py): by the key it reads, whatever `type` says:
+#   `image_url`, `audio_url`, `video_url`, as a string or `{"url": ...}` (Responses API
+#   `input_image` parts hold a string `image_url`);
+# - Anthropic image blocks, also inside `tool_result` (entrypoints/anthropic/serving.py):
+#   `source.url`;
+# - `/inference/v1/generate` `content_parts`: `{"type": "image_url" | ..., "url": ...}`;
+# - `/v1/systemone` and Cohere's `/v2/embed`: top-level `images`, `audio`, `videos` lists.
+# Every dict in the body is looked at, wherever it sits (messages, Responses input and tool
+# outputs, `/v1/rerank` documents, `/score` data_*/text_*/queries/items, pooling inputs...): a URL
+# the engine would not fetch may be checked too, one it would fetch is never missed.
+_MEDIA_KEYS = ("image_url", "audio_url", "video_url")
+_URL_PART_TYPES = frozenset(_MEDIA_KEYS)
+_MEDIA_LISTS = ("images", "audio", "videos")
 
-def media_urls(obj: dict[str, Any]) -> list[str]:
-    """Every URL a request asks the engine to fetch (chat content parts, Responses API input)."""
+
+def media_urls(obj: Any, deep: bool = True) -> list[str]:
+    """Every URL in a request body that the engine could fetch (data: URLs included). `deep=False`:
+    only the top-level media lists (the caller knows no key ending in `url` is in the body)."""
     found: list[str] = []
-
-    def part(p: Any) -> None:
-        if not isinstance(p, dict):
-            return
-        if p.get("type") in _URL_PART_TYPES:
-            for key in ("image_url", "video_url", "audio_url", "url"):
-                value = p.get(key)
+    if isinstance(obj, dict):
+        for key in _MEDIA_LISTS:
+            value = obj.get(key)
+            if isinstance(value, str):
+                found.append(value)
+            elif isinstance(value, list):
+                found += [v for v in value if isinstance(v, str)]
+    stack = [obj] if deep else []
+    while stack:  # depth first, in document order; iterative: no nesting exhausts the stack
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key in _MEDIA_KEYS:
+                value = node.get(key)
                 if isinstance(value, dict):
                     value = value.get("url")
                 if isinstance(value, str):
                     found.append(value)
-                    break
-        elif isinstance(p.get("content"), list):
-            for inner in p["content"]:
-                part(inner)
-
-    for key in ("messages", "input"):
-        items = obj.get(key)
-        if isinstance(items, list):
-            for message in items:
-                if isinstance(message, dict) and isinstance(message.get("content"), list):
-                    for p in message["content"]:
-                        part(p)
-                else:
-                    part(message)
+            source = node.get("source")
+            if isinstance(source, dict) and isinstance(url := source.get("url"), str):
+                found.append(url)
+            if isinstance(url := node.get("url"), str) and node.get("type") in _URL_PART_TYPES:
+                found.append(url)
+            stack += [v for v in reversed(node.values()) if isinstance(v, (dict, list))]
+        elif isinstance(node, list):
+            stack += [v for v in reversed(node) if isinstance(v, (dict, list))]
     return found
 
 

@@ -38,6 +38,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from app import logs
 from app.errors import error_body
 from app.middleware import REFUSED_KEY, RequestRecord, observe, request_id_from
+from app.routes import classify
 
 MAX_HEAD_BYTES = 64 * 1024
 """Request line and headers, all together (nginx: 32 KiB; Envoy: 60 KiB; vLLM's own uvicorn:
@@ -217,6 +218,7 @@ def _refuse_line(
         path=path,
         client=f"{client[0]}:{client[1]}" if client else None,
         start=began or time.perf_counter(),
+        route=classify(path),
     )
     rec.status = status
     rec.error = error

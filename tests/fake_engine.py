@@ -32,6 +32,8 @@ class Seen:
     path: str
     headers: dict[str, str]
     body: bytes
+    target: str = ""
+    """The request target as it came on the wire (path and query, undecoded)."""
 
 
 @dataclass
@@ -48,7 +50,7 @@ class FakeEngine:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        self.seen.append(Seen(request.method, request.path_qs, dict(request.headers), body))
+        self.seen.append(Seen(request.method, request.path_qs, dict(request.headers), body, request.raw_path))
         mode = request.headers.get("x-fake", "echo")
         if request.path == "/health":
             return web.Response(text="")
@@ -62,7 +64,7 @@ class FakeEngine:
                 raise
         if mode == "status":
             return web.json_response({"error": {"message": "nope", "type": "BadRequestError"}}, status=400)
-        if mode in ("stream", "crash-mid-stream", "endless", "slow-prefill", "stall-mid-stream"):
+        if mode in ("stream", "crash-mid-stream", "endless", "slow-prefill", "stall-mid-stream", "linger"):
             resp = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8"})
             await resp.prepare(request)
             try:
@@ -78,6 +80,8 @@ class FakeEngine:
                     request.transport.abort()  # the engine process dies: the socket is reset
                     return resp
                 await resp.write(b"data: [DONE]\n\n")
+                if mode == "linger":  # the end of the response comes a while after the last event
+                    await asyncio.sleep(float(request.headers.get("x-fake-delay", "1")))
             except (ConnectionResetError, asyncio.CancelledError):
                 self.closed_early += 1
                 raise
@@ -89,6 +93,8 @@ class FakeEngine:
             "x-hop": "dropped",
             "access-control-allow-origin": "*",  # vLLM's default CORS answer
         }
+        if mode == "engine-request-id":  # vLLM with --enable-request-id-headers
+            headers["x-request-id"] = "engine-id"
         return web.json_response(
             {
                 "echo": json.loads(body) if body[:1] == b"{" else None,

@@ -27,22 +27,26 @@ from app import metrics
 from app.errors import error_message, send_error
 from app.middleware import RECORD_KEY, RequestRecord
 from app.proxy.headers import HOP_BY_HOP, Headers, filter_headers, get_header
-from app.proxy.request_body import inspect_json
-from app.proxy.sse import StreamObserver, usage_counts
+from app.proxy.request_body import BodyRefused, inspect_json, is_json_type
+from app.proxy.sse import StreamObserver, is_final, usage_counts
 from app.proxy.upstream import Upstream, UpstreamError, UpstreamResponse
+from app.routes import ADMIN
 from app.runtime import Phase, Runtime
-from app.security import MediaGuard, MediaRefused, bearer, is_admin_path, matches
+from app.security import SEVERAL_AUTHORIZATION, MediaGuard, MediaRefused, bearer, matches
 from app.server import ABORT_HOOK, HANGUP_HOOK
 
 # Upstream failure -> (status, OpenAI error code); the one place this mapping lives.
 UPSTREAM_STATUS = {"connect": (502, "engine_unreachable"), "timeout": (504, "engine_timeout")}
 
-# Request headers the proxy does not forward: its own framing and host, and a consumed `expect`.
-_REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+# Request headers the proxy does not forward: its own framing and host, a consumed `expect`, and the
+# client's request id (the engine gets the proxy's, which is the client's when it was accepted).
+_REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-request-id"}
 _SSE_HEADERS = [(b"x-accel-buffering", b"no")]
-# CORS is the proxy's to decide (CORS_ALLOW_ORIGINS): the engine's own answer is never passed on.
+# CORS is the proxy's to decide (CORS_ALLOW_ORIGINS): the engine's own answer is never passed on;
+# nor is the engine's request id (vLLM's --enable-request-id-headers): the client gets the proxy's.
 _RESPONSE_DROP = frozenset(
     {
+        b"x-request-id",
         b"access-control-allow-origin",
         b"access-control-allow-credentials",
         b"access-control-allow-methods",
@@ -53,6 +57,7 @@ _RESPONSE_DROP = frozenset(
 )
 _MAX_ACCOUNTED_BODY = 4 * 1024 * 1024  # non-stream bodies larger than this are relayed unparsed
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+_JSON = b"application/json"
 # Under a server without the hang-up hook, `receive` is watched from this age on: quicker
 # requests never pay for it.
 WATCH_AFTER_S = 0.05
@@ -156,13 +161,17 @@ class _Hangup:
 
 
 class _Keepalive:
-    """Sends an SSE comment (`: keep-alive`) when a stream has been silent for a whole sweep
-    interval, e.g. while a long prompt is prefilled, so idle-timeout proxies between the client and
-    us keep the connection. The relay only bumps `sent` per message; `_KeepaliveSweep` does the rest."""
+    """Sends a blank line (`\\n\\n`) when a stream has been silent for a whole sweep interval, e.g.
+    while a long prompt is prefilled, so idle-timeout proxies between the client and us keep the
+    connection. SSE clients read a blank line with no field as no event at all, and vLLM's own
+    benchmark client (which strips every network read, then splits on a blank line) drops it too;
+    an SSE comment (`: keep-alive`) glued that client's next events together and lost them
+    (tests/app/proxy/test_sse_clients.py). The relay only bumps `sent` per message;
+    `_KeepaliveSweep` does the rest."""
 
     __slots__ = ("_send", "_loop", "_task", "_seen", "sent")
 
-    COMMENT = {"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True}
+    PING = {"type": "http.response.body", "body": b"\n\n", "more_body": True}
 
     def __init__(self, send: Any, loop: asyncio.AbstractEventLoop) -> None:
         self._send = send
@@ -173,18 +182,18 @@ class _Keepalive:
 
     def sweep(self) -> None:
         if self.sent == self._seen and (self._task is None or self._task.done()):
-            self._task = self._loop.create_task(self._send(self.COMMENT))
+            self._task = self._loop.create_task(self._send(self.PING))
         self._seen = self.sent
 
     async def close(self) -> None:
-        """A comment being sent is let through first, so it cannot follow the last message."""
+        """A ping being sent is let through first, so it cannot follow the last message."""
         if self._task is not None and not self._task.done():
             await asyncio.shield(self._task)
 
 
 class _KeepaliveSweep:
     """One timer for every open stream, not one each: every `interval` seconds, each stream that
-    sent nothing since the previous sweep gets a comment (after 1 to 2 intervals of silence)."""
+    sent nothing since the previous sweep gets a ping (after 1 to 2 intervals of silence)."""
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
@@ -240,6 +249,7 @@ class ProxyHandler:
         # One pass over the request headers: what to forward, and what the proxy needs to know.
         forward: Headers = []
         length = ctype = auth = connection = None
+        several_auth = False
         for name, value in scope["headers"]:
             if name in _REQUEST_DROP:
                 if name == b"content-length":
@@ -248,24 +258,31 @@ class ProxyHandler:
                     connection = value
                 continue
             if name == b"content-type":
-                ctype = value
+                if ctype is None:  # the first, as Starlette (the engine) reads it
+                    ctype = value
             elif name == b"authorization":
-                auth = value
+                several_auth = auth is not None
+                auth = auth or value
                 if self._keys or self._admin_key is not None:
                     continue  # the proxy consumed the key; the engine has none
             forward.append((name, value))
-
         if connection is not None:  # headers named in Connection are hop-by-hop too (rare)
             forward = filter_headers([(b"connection", connection), *forward])
+        forward.append(rec.id_header)
+        if several_auth:
+            rec.error = "several Authorization headers"
+            await self._error(rec, send, 400, SEVERAL_AUTHORIZATION, code="invalid_authorization")
+            return
         token = bearer(auth)
-        if is_admin_path(path):
+        assert rec.route is not None  # the dispatcher sends only engine and admin routes here
+        if rec.route.kind == ADMIN:
             if self._admin_key is None or not matches(token, (self._admin_key,)):
                 rec.error = "admin route refused"
                 await self._error(
                     rec,
                     send,
                     403,
-                    f"{path} is an admin route: it needs `Authorization: Bearer <ADMIN_API_KEY>`"
+                    f"{rec.route.path} is an admin route: it needs `Authorization: Bearer <ADMIN_API_KEY>`"
                     + ("." if self._admin_key else ", and ADMIN_API_KEY is not set on this server."),
                     code="admin_route",
                 )
@@ -291,9 +308,9 @@ class ProxyHandler:
         body: bytes | StreamedBody | None
         strip_usage = False
         try:
-            if method in _NO_BODY_METHODS:
-                body = await self._read_body(receive) if length not in (None, b"0") else None
-            elif ctype is not None and ctype.startswith(b"application/json"):
+            if ctype is not None and (ctype == _JSON or is_json_type(ctype)):
+                # A body the engine parses as JSON (whatever the method): read whole, parsed exactly
+                # as the engine will parse it, and every URL the engine could fetch checked.
                 info = inspect_json(await self._read_body(receive), path, self._log_prompts)
                 rec.model, rec.stream, rec.modalities = info.model, info.stream, info.modalities
                 rec.prompt = info.prompt
@@ -301,10 +318,16 @@ class ProxyHandler:
                 body = info.body
                 if info.media_urls:
                     await self._media.check(info.media_urls)
+            elif method in _NO_BODY_METHODS:
+                body = await self._read_body(receive) if length not in (None, b"0") else None
             else:
                 body = StreamedBody(receive, self.max_request_bytes)
         except (BodyTooLarge, ClientGone) as exc:
             await self._body_failed(exc, rec, send)
+            return
+        except BodyRefused as exc:
+            rec.error = f"body refused: {exc}"
+            await self._error(rec, send, 400, f"{exc}.", code="invalid_json")
             return
         except MediaRefused as exc:
             rec.error = f"media URL refused: {exc}"
@@ -313,8 +336,14 @@ class ProxyHandler:
             )
             return
 
+        # The client's bytes, not the decoded path re-encoded: the engine routes on exactly what the
+        # route table classified (the dispatcher refused anything that decodes to `?`, `#`, a
+        # space or a control character).
+        raw = scope.get("raw_path")
+        target = raw.decode("latin-1") if raw else path
         query = scope.get("query_string")
-        target = f"{path}?{query.decode('latin-1')}" if query else path
+        if query:
+            target = f"{target}?{query.decode('latin-1')}"
         await self._exchange(
             scope,
             receive,
@@ -406,6 +435,8 @@ class ProxyHandler:
                     if keepalive is not None:
                         keepalive.sent += 1
                     await send({"type": "http.response.body", "body": out, "more_body": True})
+                    if is_final(out):  # the client has the whole answer: closing now is no hang-up
+                        watch.stop()
             complete = True
         except UpstreamError as exc:
             metrics.UPSTREAM_ERRORS.labels(exc.kind).inc()

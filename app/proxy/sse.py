@@ -67,6 +67,25 @@ def _last_events(block: bytes, n: int) -> bytes:
     return block[start:]
 
 
+_LAST_EVENTS = (
+    b"event: response.completed",  # Responses API
+    b"event: response.failed",
+    b"event: response.incomplete",
+    b"event: message_stop",  # Anthropic Messages API
+)
+
+
+def is_final(block: bytes) -> bool:
+    """Whether a block of whole events ends with a stream's last event (`data: [DONE]`, or the
+    closing event of the Responses or Messages API): once it is sent, the client has the whole
+    answer, and may close the connection at once (the OpenAI SDK does)."""
+    if block.endswith(b"[DONE]\n\n"):
+        return True
+    if not block.startswith(b"event: "):  # chat and completions events are `data:` only
+        return False
+    return block.startswith(_LAST_EVENTS, _event_start(block, len(block) - 2))
+
+
 def _data(event: bytes) -> Any:
     """The parsed JSON of an event's `data:` field, or None (comments, `[DONE]`, non-JSON)."""
     for line in event.splitlines():
@@ -82,8 +101,12 @@ def _data(event: bytes) -> Any:
 
 
 def has_generated_output(obj: Any) -> bool:
-    """True if an event carries generated text, reasoning or a tool call (OpenAI chat, completions,
-    Responses API)."""
+    """True if an event reports a generated token (OpenAI chat, completions, Responses API), even
+    one whose text is still empty: vLLM holds back text that ends in an incomplete UTF-8 sequence
+    and skips special tokens, so a stream's tokens may all decode to "" (a tiny model's often do).
+    vLLM sends a completions chunk only for new tokens, and a chat chunk with an empty delta only
+    for the last ones (`finish_reason`) or with logprobs or token ids; the chat role chunk that
+    opens a stream is the one event with a choice and no token."""
     if not isinstance(obj, dict):
         return False
     choices = obj.get("choices")
@@ -91,7 +114,7 @@ def has_generated_output(obj: Any) -> bool:
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
-            if choice.get("text"):
+            if "text" in choice:  # completions
                 return True
             delta = choice.get("delta")
             if isinstance(delta, dict) and (
@@ -100,6 +123,8 @@ def has_generated_output(obj: Any) -> bool:
                 or delta.get("reasoning")
                 or delta.get("tool_calls")
             ):
+                return True
+            if choice.get("finish_reason") is not None or choice.get("logprobs") or choice.get("token_ids"):
                 return True
         return False
     kind = obj.get("type")

@@ -308,6 +308,10 @@ class _Connection(asyncio.Protocol):
     def abort(self) -> None:
         self.closed = True
         self._disarm()
+        # A head nobody awaits any more (the client hung up mid-upload) would otherwise be failed
+        # by connection_lost and logged as "Future exception was never retrieved".
+        if self._head is not None and not self._head.done():
+            self._head.cancel()
         if self.transport is not None:
             self.transport.abort()
 

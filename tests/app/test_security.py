@@ -5,9 +5,10 @@ import pytest
 from app.security import (
     MediaGuard,
     MediaRefused,
+    authorization,
     bearer,
-    is_admin_path,
     load_keys,
+    mask_url_userinfo,
     matches,
     media_urls,
     parse_media_url,
@@ -119,17 +120,21 @@ def test_keys_from_the_variable_and_the_file(tmp_path):
         load_keys(None, tmp_path / "missing")
 
 
-def test_admin_routes():
-    for path in (
-        "/v1/load_lora_adapter",
-        "/v1/unload_lora_adapter",
-        "/invocations",
-        "/scale_elastic_ep",
-        "/inference/v1/abort_requests",
-        "/collective_rpc",
-        "/sleep",
-        "/init_weight_transfer_engine",
-    ):
-        assert is_admin_path(path), path
-    for path in ("/v1/chat/completions", "/v1/models", "/tokenize", "/inference/v1/generate"):
-        assert not is_admin_path(path), path
+def test_several_authorization_headers_are_reported_and_the_first_is_read():
+    assert authorization([(b"authorization", b"Bearer a")]) == (b"Bearer a", False)
+    assert authorization([(b"authorization", b"Bearer a"), (b"authorization", b"Bearer b")])[1]
+    assert authorization([(b"x", b"y")]) == (None, False)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://user:secret@engine:8000/v1", "http://***@engine:8000/v1"),
+        ("https://token@engine", "https://***@engine"),
+        ("http://a:b@c@engine:1", "http://***@engine:1"),
+        ("http://127.0.0.1:8001", "http://127.0.0.1:8001"),
+        ("http://engine/path@x", "http://engine/path@x"),
+    ],
+)
+def test_engine_url_userinfo_is_masked(url, shown):
+    assert mask_url_userinfo(url) == shown

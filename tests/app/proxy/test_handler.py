@@ -260,7 +260,7 @@ def patient(fake):
         yield p
 
 
-def test_a_silent_stream_gets_keepalive_comments_until_the_first_event(patient):
+def test_a_silent_stream_gets_keepalive_blank_lines_until_the_first_event(patient):
     """Fake: a long prefill (2.5 s of silence after the headers) on cue."""
     with httpx.stream(
         "POST",
@@ -269,10 +269,10 @@ def test_a_silent_stream_gets_keepalive_comments_until_the_first_event(patient):
         headers={"x-fake": "slow-prefill", "x-fake-delay": "1.2"},
         timeout=10,
     ) as r:
-        lines = [line for line in r.iter_lines() if line]
-    first_data = next(i for i, line in enumerate(lines) if line.startswith("data:"))
-    assert first_data >= 1 and all(line == ": keep-alive" for line in lines[:first_data])
-    assert lines[-1] == "data: [DONE]" and ": keep-alive" not in lines[first_data:]
+        body = b"".join(r.iter_bytes())
+    pings, _, events = body.partition(b"data:")
+    assert pings and pings == b"\n\n" * (len(pings) // 2)  # blank lines: no event to any SSE client
+    assert events.endswith(b"data: [DONE]\n\n") and b"\n\n\n" not in events  # none once events flow
 
 
 def test_a_stream_silent_past_the_idle_timeout_ends_with_an_error_event(patient):

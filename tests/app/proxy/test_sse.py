@@ -148,6 +148,51 @@ def test_responses_api_events_count():
     assert usage_counts(done) == (3, 7)
 
 
-def test_completions_text_counts_as_output():
+def test_completions_chunks_count_as_output_even_with_empty_text():
+    """vLLM sends a completions chunk only for generated tokens; their text may still be empty."""
     assert has_generated_output(orjson.loads(chunk(text="x")[6:]))
-    assert not has_generated_output(orjson.loads(chunk(text="")[6:]))
+    assert has_generated_output(orjson.loads(chunk(text="")[6:]))
+    assert not has_generated_output(orjson.loads(chunk(choices=False, usage=USAGE)[6:]))
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        # completions whose tokens all decode to "" (held-back UTF-8, special tokens)
+        [chunk(text=""), chunk(text="", finish="length"), chunk(choices=False, usage=USAGE), DONE],
+        # chat: vLLM skips empty deltas, but sends the finishing one
+        [chunk({"role": "assistant", "content": ""}), chunk({"content": ""}, finish="length"), DONE],
+        # the whole stream in the same read as its end
+        [
+            b"".join(
+                [chunk({"role": "assistant", "content": ""}), chunk({"content": "a"}, finish="stop"), DONE]
+            )
+        ],
+    ],
+)
+def test_every_stream_with_generated_tokens_has_a_ttft(events):
+    """Issue 12: streams logged without ttft_ms although they generated tokens."""
+    observer = StreamObserver(0.0)
+    for event in events:
+        observer.feed(event)
+    observer.finish()
+    assert observer.ttft_s is not None
+
+
+def test_a_stream_without_tokens_has_no_ttft():
+    observer = StreamObserver(0.0)
+    observer.feed(chunk({"role": "assistant", "content": ""}) + b'data: {"error": {"message": "x"}}\n\n')
+    observer.finish()
+    assert observer.ttft_s is None
+
+
+def test_the_last_event_of_each_api_is_recognised():
+    from app.proxy.sse import is_final
+
+    token = chunk({"content": "a"})
+    assert is_final(token + DONE) and not is_final(token) and not is_final(token + token)
+    responses = b'event: response.output_text.delta\ndata: {"delta":"a"}\n\n'
+    assert not is_final(responses)
+    assert is_final(responses + b'event: response.completed\ndata: {"type":"response.completed"}\n\n')
+    assert is_final(b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+    assert not is_final(b'event: message_delta\ndata: {"type":"message_delta"}\n\n')
