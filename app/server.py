@@ -137,6 +137,39 @@ HANGUP_HOOK = "app.hangup_hook"
 # engine broke off mid-body), so end the connection without its end (no last chunk, fewer bytes than
 # the Content-Length), and without uvicorn's "returned without completing response" error.
 ABORT_HOOK = "app.abort_hook"
+# A callable the server offers in the scope, `hook(scope, pause, resume)`: once the response's
+# headers are sent, a `BodyWriter` that writes body bytes straight into the client's transport,
+# framed as uvicorn frames them (chunked), with no task and no `send` per write; `pause`/`resume`
+# are called when the client's transport buffer passes its high/low water marks. None when the
+# response is not chunked (HEAD, Content-Length, HTTP/1.0) or the client is gone: use `send`.
+RELAY_HOOK = "app.relay_hook"
+
+
+class BodyWriter:
+    """Body bytes of a chunked response, straight into the client's transport (see RELAY_HOOK).
+    The end of the response is still `send`'s (uvicorn's bookkeeping: keep-alive, the next
+    pipelined request); `close()` first."""
+
+    __slots__ = ("_protocol", "_write", "_raw", "pause", "resume", "closed")
+
+    def __init__(self, protocol: Any, wrapper: _HeadersWithBody, pause: Any, resume: Any) -> None:
+        self._protocol = protocol
+        self._write = wrapper.write  # the first write takes the held headers with it
+        self._raw = wrapper._transport.write
+        self.pause = pause
+        self.resume = resume
+        self.closed = False  # the client is gone (or the writer closed): writes are dropped
+
+    def write(self, body: bytes) -> None:
+        if self.closed:
+            return
+        self._write(b"%x\r\n%b\r\n" % (len(body), body))
+        self._write = self._raw
+
+    def close(self) -> None:
+        self.closed = True
+        if self._protocol._writer is self:
+            self._protocol._writer = None
 
 
 class _HeadersWithBody:
@@ -250,6 +283,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # the next one, so it can pass the bound by at most one read.
     _head_left: int | None = None
     _heads = 0  # heads completed on this connection
+    _writer: BodyWriter | None = None  # the response being relayed straight into the transport
 
     def _arm(self) -> None:
         if self._guard is not None:
@@ -346,6 +380,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_headers = True
         self._head_left = MAX_HEAD_BYTES
         self._abort_hook = self._abort
+        self._relay_hook = self._relay
         self._arm()
 
     def on_message_begin(self) -> None:
@@ -370,6 +405,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         scope = self.scope
         scope[HANGUP_HOOK] = None  # the task just created has not run yet
         scope[ABORT_HOOK] = self._abort_hook
+        scope[RELAY_HOOK] = self._relay_hook
 
     def on_message_complete(self) -> None:
         self._disarm()
@@ -384,12 +420,41 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._disarm()
         self.transport.close()  # what was written still leaves, then the connection ends
 
+    def _relay(self, scope: dict, pause: Any, resume: Any) -> BodyWriter | None:
+        cycle = self.cycle
+        if cycle is None or cycle.scope is not scope:  # another request's turn: not this one's
+            return None
+        if (
+            not cycle.response_started
+            or cycle.response_complete
+            or cycle.disconnected
+            or not cycle.chunked_encoding
+            or self.transport.is_closing()
+        ):
+            return None
+        writer = self._writer = BodyWriter(self, self.transport, pause, resume)  # type: ignore[arg-type]
+        if self.flow.write_paused:  # already above the high water mark
+            pause()
+        return writer
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._writer is not None:
+            self._writer.pause()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._writer is not None:
+            self._writer.resume()
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
         # Between requests uvicorn's keep-alive timeout applies; a new request re-arms the guard.
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._writer is not None:
+            self._writer.closed = True
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete and (hook := cycle.scope.get(HANGUP_HOOK)):
             hook()

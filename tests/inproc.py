@@ -57,10 +57,16 @@ configure_logging("DEBUG", "json", stream=LOGS)
 
 class InProcessProxy:
     def __init__(
-        self, upstream_url: str, runtime: Runtime | None = None, plain_uvicorn: bool = False, **settings: Any
+        self,
+        upstream_url: str,
+        runtime: Runtime | None = None,
+        plain_uvicorn: bool = False,
+        wrap: Any = None,
+        **settings: Any,
     ) -> None:
         """`plain_uvicorn`: serve with uvicorn's own protocol instead of the proxy's (app/server.py),
-        as `create_app()` is served when mounted elsewhere."""
+        as `create_app()` is served when mounted elsewhere. `wrap(app)`: the app the server runs
+        (e.g. one that counts the `send` calls of the app it wraps)."""
         engine_port = urlparse(upstream_url).port
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -71,8 +77,9 @@ class InProcessProxy:
         self.settings = Settings(
             MODEL_NAME=settings.pop("MODEL_NAME", "m"), ENGINE_PORT=engine_port, PORT=self.port, **settings
         )
+        app = create_app(self.settings, self.runtime)
         config = server_config(
-            create_app(self.settings, self.runtime), "127.0.0.1", self.port, self.settings.CLIENT_TIMEOUT
+            app if wrap is None else wrap(app), "127.0.0.1", self.port, self.settings.CLIENT_TIMEOUT
         )
         if plain_uvicorn:
             config.http = "httptools"

@@ -33,7 +33,7 @@ from app.proxy.upstream import Upstream, UpstreamError, UpstreamResponse
 from app.routes import ADMIN
 from app.runtime import Phase, Runtime
 from app.security import SEVERAL_AUTHORIZATION, MediaGuard, MediaRefused, bearer, matches
-from app.server import ABORT_HOOK, HANGUP_HOOK
+from app.server import ABORT_HOOK, HANGUP_HOOK, RELAY_HOOK
 
 # Upstream failure -> (status, OpenAI error code); the one place this mapping lives.
 UPSTREAM_STATUS = {"connect": (502, "engine_unreachable"), "timeout": (504, "engine_timeout")}
@@ -109,10 +109,11 @@ class _Hangup:
     scope from `connection_lost`, at once and with no timer or task per request. Under a server
     without that hook, `receive` is watched instead, from WATCH_AFTER_S on."""
 
-    __slots__ = ("_scope", "_task", "_rec", "_receive", "_timer", "_watcher")
+    __slots__ = ("_scope", "_task", "_rec", "_receive", "_timer", "_watcher", "relay_hook")
 
     def __init__(self, scope: dict, receive: Any, rec: RequestRecord) -> None:
         self._scope = scope
+        self.relay_hook = scope.get(RELAY_HOOK)
         self._task = asyncio.current_task()
         self._rec = rec
         self._receive = receive
@@ -138,6 +139,10 @@ class _Hangup:
     def _on_message(self, fut: asyncio.Future) -> None:
         if not fut.cancelled() and fut.exception() is None and fut.result().get("type") == "http.disconnect":
             self._hung_up()
+
+    @property
+    def scope(self) -> dict:
+        return self._scope
 
     def abort(self) -> None:
         """The response cannot be completed: end the client's connection without its end. Under a
@@ -216,6 +221,28 @@ class _KeepaliveSweep:
         for stream in self._streams:
             stream.sweep()
         self._timer = loop.call_later(self.interval, self._sweep, loop) if self._streams else None
+
+
+class _Sink:
+    """Called from the engine connection's read callback with each read's body bytes (relay mode,
+    `UpstreamResponse.relay`): measured, then written straight to the client."""
+
+    __slots__ = ("_feed", "_watch", "writer", "keepalive")
+
+    def __init__(self, observer: StreamObserver, watch: _Hangup) -> None:
+        self._feed = observer.feed
+        self._watch = watch
+        self.writer: Any = None
+        self.keepalive: _Keepalive | None = None
+
+    def __call__(self, chunk: bytes) -> None:
+        out = self._feed(chunk)
+        if out:
+            self.writer.write(out)
+            if self.keepalive is not None:
+                self.keepalive.sent += 1
+            if is_final(out):  # the client has the whole answer: closing now is no hang-up
+                self._watch.stop()
 
 
 class ProxyHandler:
@@ -417,8 +444,34 @@ class ProxyHandler:
             return await self._relay_sse(resp, send, rec, watch, strip_usage)
         return await self._relay_body(resp, send, rec, watch)
 
+    def _stream_broken(self, exc: UpstreamError, resp: UpstreamResponse, rec, strip_usage: bool) -> bytes:
+        """Count and note a stream the engine broke off; the SSE error event the client gets."""
+        metrics.UPSTREAM_ERRORS.labels(exc.kind).inc()
+        rec.error = f"stream broken: {exc}"
+        # A stream whose length was announced (never vLLM's) cannot take an extra event.
+        if not (strip_usage or get_header(resp.headers, b"content-length") is None):
+            return b""
+        event = orjson.dumps(
+            {
+                "error": {
+                    "message": f"The engine failed mid-stream: {exc}",
+                    "type": "engine_error",
+                    "param": None,
+                    "code": exc.kind,
+                }
+            }
+        )
+        return b"data: " + event + b"\n\n"
+
     async def _relay_sse(self, resp: UpstreamResponse, send, rec, watch, strip_usage: bool) -> bool:
         observer = StreamObserver(rec.start, strip_usage=strip_usage)
+        hook = watch.relay_hook
+        if hook is not None and not resp.complete:
+            sink = _Sink(observer, watch)
+            writer = hook(watch.scope, resp.pause_relay, resp.resume_relay)
+            if writer is not None:
+                sink.writer = writer
+                return await self._relay_sse_direct(resp, send, rec, watch, strip_usage, observer, sink)
         sweep = self._keepalive
         keepalive = sweep.open(send) if sweep is not None else None
         tail = b""
@@ -439,21 +492,7 @@ class ProxyHandler:
                         watch.stop()
             complete = True
         except UpstreamError as exc:
-            metrics.UPSTREAM_ERRORS.labels(exc.kind).inc()
-            rec.error = f"stream broken: {exc}"
-            # A stream whose length was announced (never vLLM's) cannot take an extra event.
-            if strip_usage or get_header(resp.headers, b"content-length") is None:
-                event = orjson.dumps(
-                    {
-                        "error": {
-                            "message": f"The engine failed mid-stream: {exc}",
-                            "type": "engine_error",
-                            "param": None,
-                            "code": exc.kind,
-                        }
-                    }
-                )
-                tail = b"data: " + event + b"\n\n"
+            tail = self._stream_broken(exc, resp, rec, strip_usage)
         finally:
             if sweep is not None and keepalive is not None:
                 await sweep.close(keepalive)
@@ -466,6 +505,42 @@ class ProxyHandler:
             await send({"type": "http.response.body", "body": last + rest})
         else:  # the whole events, the error event, then the connection ends without the stream's end
             await send({"type": "http.response.body", "body": _whole_events(rest) + tail, "more_body": True})
+            watch.abort()
+        return complete
+
+    async def _relay_sse_direct(
+        self, resp: UpstreamResponse, send, rec, watch, strip_usage: bool, observer, sink: _Sink
+    ) -> bool:
+        """The stream's bytes go from the engine's connection to the client's inside the event
+        loop's read callback (`_Sink`), with no task wake-up per event; this task waits for the
+        end only. Back-pressure: a client whose transport buffer is full pauses the engine's."""
+        sweep = self._keepalive
+        keepalive = sweep.open(send) if sweep is not None else None
+        sink.keepalive = keepalive
+        tail = b""
+        complete = False
+        try:
+            resp.relay(sink)
+            await resp.wait_end()
+            complete = True
+        except UpstreamError as exc:
+            tail = self._stream_broken(exc, resp, rec, strip_usage)
+        finally:
+            sink.writer.close()
+            if sweep is not None and keepalive is not None:
+                await sweep.close(keepalive)
+            # The last bytes (complete), or those of the read that failed: through `send` now.
+            last = observer.feed(resp.take_queued())
+            rest = observer.finish()
+            rec.ttft_s = observer.ttft_s
+            rec.prompt_tokens, rec.completion_tokens = observer.prompt_tokens, observer.completion_tokens
+            rec.error = rec.error or observer.error
+        if complete:
+            watch.stop()
+            await send({"type": "http.response.body", "body": last + rest})
+        else:
+            body = last + _whole_events(rest) + tail
+            await send({"type": "http.response.body", "body": body, "more_body": True})
             watch.abort()
         return complete
 

@@ -84,6 +84,10 @@ class _Connection(asyncio.Protocol):
         self.busy = False  # a request is out and its final response not yet complete
         self.status = 0  # the final response's status, once its headers are in
         self._interim = False  # the message being parsed is a 1xx
+        # Relay mode (`relay`): body bytes go to this callable from `data_received`, as they arrive,
+        # instead of being queued for `read`; the task waits only for the end (`wait_end`).
+        self._sink: Callable[[bytes], None] | None = None
+        self._sink_error: BaseException | None = None
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -105,6 +109,11 @@ class _Connection(asyncio.Protocol):
             elif not isinstance(cause, _Unsolicited):
                 self._fail(UpstreamError("protocol", f"invalid HTTP from the engine: {exc}"))
             self.abort()
+        # Relay mode: what this read brought goes on at once, but not the response's last bytes,
+        # which the waiting task sends with the response's end (one write), nor bytes after a
+        # failure (the task decides what of them the client gets).
+        if self._sink is not None and self._chunks and not self._complete and self._error is None:
+            self._flush_to_sink()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -149,6 +158,8 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)
+        if self._sink is not None:  # handed on at the end of this read (data_received)
+            return
         self._queued += len(body)
         if self._queued > _HIGH_WATER and not self._reading_paused and self.transport is not None:
             self._reading_paused = True
@@ -174,6 +185,10 @@ class _Connection(asyncio.Protocol):
         self._watchdog = None
         if self._complete or self._error is not None or self.closed:
             return
+        if self._reading_paused and self._sink is not None:
+            # The client is not reading (relay back-pressure): the engine cannot send, so its
+            # silence is not counted until reading resumes.
+            self._last_data = self._loop.time()
         deadline = self._last_data + self._idle_timeout
         if self._loop.time() < deadline:
             self._watchdog = self._loop.call_at(deadline, self._check_idle)
@@ -232,6 +247,8 @@ class _Connection(asyncio.Protocol):
 
     def begin(self) -> asyncio.Future:
         """Reset per-response state; returns the future of the status code."""
+        self._sink = None
+        self._sink_error = None
         self._headers = []
         self._chunks.clear()
         self._queued = 0
@@ -301,6 +318,76 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
         return chunk
 
+    # --- relay mode -------------------------------------------------------------------------
+
+    def relay(self, sink: Callable[[bytes], None]) -> None:
+        """From now on, hand body bytes to `sink` from `data_received`, one call per read (what is
+        queued already, first), instead of queueing them for `read`: a token stream then costs no
+        task wake-up per event. The response's last bytes stay queued for `read` after `wait_end`.
+        `sink` runs inside the event loop's read callback: it must not block; what it raises is
+        re-raised by `wait_end`."""
+        self._sink = sink
+        if self._reading_paused and self.transport is not None:  # paused by `read`'s high water
+            self._reading_paused = False
+            self._last_data = self._loop.time()
+            self.transport.resume_reading()
+        if self._chunks and not self._complete and self._error is None:
+            self._flush_to_sink()
+
+    def _flush_to_sink(self) -> None:
+        chunks = self._chunks
+        chunk = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._queued = 0
+        try:
+            self._sink(chunk)  # type: ignore[misc]
+        except BaseException as exc:  # the relay's own failure: the task re-raises it
+            self._sink = None
+            self._sink_error = exc
+            self.abort()
+            self._wake()
+
+    def take_queued(self) -> bytes:
+        """Whatever body bytes are queued (relay mode: the last ones, or those of the read that
+        failed), without waiting or raising."""
+        chunks = self._chunks
+        chunk = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._queued = 0
+        return chunk
+
+    def pause_relay(self) -> None:
+        """The client is not keeping up: stop reading the engine (it stops sending)."""
+        if not self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_relay(self) -> None:
+        if self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = False
+            self._last_data = self._loop.time()  # its silence is counted from now on
+            self.transport.resume_reading()
+
+    async def wait_end(self, timeout: float) -> None:
+        """In relay mode: return once the response is complete (its last bytes queued for `read`);
+        raise its UpstreamError (or the sink's exception) if it failed, or after `timeout` seconds
+        without a byte from the engine."""
+        while True:
+            if self._sink_error is not None:
+                raise self._sink_error
+            if self._error is not None:
+                raise self._error
+            if self._complete:
+                return
+            self._waiter = waiter = self._loop.create_future()
+            if self._watchdog is None:
+                self._idle_timeout = timeout
+                self._watchdog = self._loop.call_at(self._last_data + timeout, self._check_idle)
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+
     @property
     def reusable(self) -> bool:
         return self._complete and self._error is None and not self.closed
@@ -336,6 +423,11 @@ class UpstreamResponse:
         return await self._conn.read(self._read_timeout)
 
     @property
+    def complete(self) -> bool:
+        """The whole body has arrived (some of it may still be queued for `read`)."""
+        return self._conn._complete
+
+    @property
     def at_end(self) -> bool:
         """Nothing more to read: the whole body has been handed out."""
         return self._conn._complete and not self._conn._chunks
@@ -343,6 +435,23 @@ class UpstreamResponse:
     def reader(self) -> Callable[[], Awaitable[bytes]]:
         """`read` without the wrapping call, for the per-token loop of a stream."""
         return functools.partial(self._conn.read, self._read_timeout)
+
+    def relay(self, sink: Callable[[bytes], None]) -> None:
+        """Body bytes to `sink` as they arrive, from the connection's read callback (see
+        `_Connection.relay`); then `wait_end`, then `read` for the last bytes."""
+        self._conn.relay(sink)
+
+    async def wait_end(self) -> None:
+        await self._conn.wait_end(self._read_timeout)
+
+    def take_queued(self) -> bytes:
+        return self._conn.take_queued()
+
+    def pause_relay(self) -> None:
+        self._conn.pause_relay()
+
+    def resume_relay(self) -> None:
+        self._conn.resume_relay()
 
     async def body(self) -> bytes:
         parts = []
