@@ -227,22 +227,24 @@ class _Sink:
     """Called from the engine connection's read callback with each read's body bytes (relay mode,
     `UpstreamResponse.relay`): measured, then written straight to the client."""
 
-    __slots__ = ("_feed", "_watch", "writer", "keepalive")
+    __slots__ = ("_feed", "_watch", "_write", "writer", "keepalive")
 
-    def __init__(self, observer: StreamObserver, watch: _Hangup) -> None:
+    def __init__(self, observer: StreamObserver, watch: _Hangup, writer: Any) -> None:
         self._feed = observer.feed
         self._watch = watch
-        self.writer: Any = None
+        self.writer = writer
+        self._write = writer.write
         self.keepalive: _Keepalive | None = None
 
     def __call__(self, chunk: bytes) -> None:
         out = self._feed(chunk)
         if out:
-            self.writer.write(out)
+            self._write(out)
             if self.keepalive is not None:
                 self.keepalive.sent += 1
-            if is_final(out):  # the client has the whole answer: closing now is no hang-up
-                self._watch.stop()
+            # is_final's own first checks, inline: this runs once per token
+            if out.endswith(b"[DONE]\n\n") or (out.startswith(b"event: ") and is_final(out)):
+                self._watch.stop()  # the client has the whole answer: closing now is no hang-up
 
 
 class ProxyHandler:
@@ -467,10 +469,9 @@ class ProxyHandler:
         observer = StreamObserver(rec.start, strip_usage=strip_usage)
         hook = watch.relay_hook
         if hook is not None and not resp.complete:
-            sink = _Sink(observer, watch)
             writer = hook(watch.scope, resp.pause_relay, resp.resume_relay)
             if writer is not None:
-                sink.writer = writer
+                sink = _Sink(observer, watch, writer)
                 return await self._relay_sse_direct(resp, send, rec, watch, strip_usage, observer, sink)
         sweep = self._keepalive
         keepalive = sweep.open(send) if sweep is not None else None

@@ -113,7 +113,13 @@ class _Connection(asyncio.Protocol):
         # which the waiting task sends with the response's end (one write), nor bytes after a
         # failure (the task decides what of them the client gets).
         if self._sink is not None and self._chunks and not self._complete and self._error is None:
-            self._flush_to_sink()
+            chunks = self._chunks
+            chunk = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+            try:
+                self._sink(chunk)
+            except BaseException as exc:  # the relay's own failure: the task re-raises it
+                self._sink_failed(exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -335,17 +341,16 @@ class _Connection(asyncio.Protocol):
             self._flush_to_sink()
 
     def _flush_to_sink(self) -> None:
-        chunks = self._chunks
-        chunk = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        self._queued = 0
         try:
-            self._sink(chunk)  # type: ignore[misc]
+            self._sink(self.take_queued())  # type: ignore[misc]
         except BaseException as exc:  # the relay's own failure: the task re-raises it
-            self._sink = None
-            self._sink_error = exc
-            self.abort()
-            self._wake()
+            self._sink_failed(exc)
+
+    def _sink_failed(self, exc: BaseException) -> None:
+        self._sink = None
+        self._sink_error = exc
+        self.abort()
+        self._wake()
 
     def take_queued(self) -> bytes:
         """Whatever body bytes are queued (relay mode: the last ones, or those of the read that
