@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import FastAPI, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from app import metrics
+from app import metrics, workers
 from app.logs import get_logger
 from app.metrics_collector import Collector, families_from_text
 from app.metrics_store import SERIES, WINDOWS, MetricsStore
@@ -68,7 +68,11 @@ def register(api: FastAPI, settings: Settings, runtime: Runtime, engine: Any, pr
     def read(text: bytes | None):
         return itertools.chain(metrics.REGISTRY.collect(), families_from_text(text))
 
-    collector = Collector(store, settings.SCRAPE_INTERVAL, read, engine_metrics, log=log)
+    # With several proxy processes (app/workers.py) each keeps its own recent readings of the
+    # summed metrics (the live tiles' rates), and worker 0 alone writes the history.
+    collector = Collector(
+        store if workers.is_first() else None, settings.SCRAPE_INTERVAL, read, engine_metrics, log=log
+    )
     inner = api.router.lifespan_context
 
     @asynccontextmanager

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Awaitable
 from typing import Any
 
-from app import gpu
+from app import gpu, logs, workers
 from app.engines import engine_for, vllm_flags
 from app.engines.base import mask_secrets, split_extra_args
 from app.health_port import health_only
@@ -93,7 +93,15 @@ class Launcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.engine = engine_for(settings)
-        self.runtime = Runtime()
+        self.workers = workers.worker_count(settings)
+        # Several proxy processes (app/workers.py): the state they share, and the pool.
+        self.shared: workers.SharedState | None = None
+        self.pool: workers.WorkerPool | None = None
+        if self.workers > 1:
+            self.shared = workers.SharedState.create()
+            self.runtime: Runtime = workers.PublishedRuntime(self.shared, self.workers)
+        else:
+            self.runtime = Runtime()
         self.stop = asyncio.Event()
         self.force = asyncio.Event()
         self.proc: asyncio.subprocess.Process | None = None
@@ -131,6 +139,8 @@ class Launcher:
             await self._stop_engine()
             if self.pump is not None:
                 await asyncio.wait([self.pump], timeout=2)
+            if self.shared is not None:
+                self.shared.close(remove=True)
 
     async def _run(self) -> int:
         s = self.settings
@@ -294,6 +304,8 @@ class Launcher:
 
     async def _start_server(self) -> bool:
         s = self.settings
+        if self.shared is not None:
+            return await self._start_workers()
         app = create_app(s, self.runtime)
         config = server_config(app, s.HOST, s.PORT, s.CLIENT_TIMEOUT)
         self.server = ProxyServer(config)
@@ -305,6 +317,23 @@ class Launcher:
             await asyncio.sleep(0.01)
         if s.PORT_HEALTH is not None and s.PORT_HEALTH != s.PORT:
             return await self._start_health_server(app)
+        return True
+
+    async def _start_workers(self) -> bool:
+        """PROXY_WORKERS > 1: the workers serve PORT (and PORT_HEALTH); `server_task` is their
+        supervision, which ends only when they keep dying."""
+        assert self.shared is not None
+        pool = self.pool = workers.WorkerPool(
+            self.settings, self.shared, self.workers, logs.relay_lines, get_logger("app.workers")
+        )
+        try:
+            pool.bind()
+        except OSError as exc:
+            log.error("the proxy could not start", port=self.settings.PORT, error=str(exc))
+            return False
+        if not await pool.start():
+            return False
+        self.server_task = asyncio.ensure_future(pool.supervise())
         return True
 
     async def _start_health_server(self, app: Any) -> bool:
@@ -474,6 +503,14 @@ class Launcher:
             _signal_group(proc.pid, signal.SIGTERM)
 
     async def _stop_server(self) -> None:
+        if self.pool is not None:
+            if self.server_task is not None:
+                self.server_task.cancel()
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await self.server_task
+            pool, self.pool = self.pool, None
+            await pool.stop()
+            return
         if self.health_server is not None and self.health_task is not None:
             self.health_server.should_exit = True
             with contextlib.suppress(Exception, asyncio.CancelledError):

@@ -178,7 +178,8 @@ def configure_logging(
         else structlog.processors.JSONRenderer(serializer=_orjson_dumps)
     )
     numeric = logging.getLevelNamesMapping()[level]
-    global request_line
+    global request_line, relay_lines
+    relay_lines = _relay_console(writer, renderer, jsonl) if console else _relay_json(writer)
     if numeric > logging.INFO:
         request_line = _drop
     elif console:
@@ -240,6 +241,39 @@ def _json_line(writer: LineWriter) -> Callable[[dict[str, Any]], None]:
         writer.msg(orjson.dumps(fields, default=str).decode())
 
     return emit
+
+
+def _relay_json(writer: LineWriter) -> Callable[[bytes], None]:
+    def relay(block: bytes) -> None:
+        writer.msg(block.decode("utf-8", "replace").rstrip("\n"))
+
+    return relay
+
+
+def _relay_console(writer: LineWriter, renderer: Any, jsonl: JsonlFile | None) -> Callable[[bytes], None]:
+    def relay(block: bytes) -> None:
+        for line in block.splitlines():
+            if jsonl is not None:
+                jsonl.write(line + b"\n")
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                writer.msg(line.decode("utf-8", "replace"))
+                continue
+            writer.msg(renderer(None, record.get("level", "info"), record))
+
+    return relay
+
+
+def _relay_unconfigured(block: bytes) -> None:
+    sys.stdout.write(block.decode("utf-8", "replace"))
+    sys.stdout.flush()
+
+
+relay_lines: Callable[[bytes], None] = _relay_unconfigured
+"""Writes whole JSON lines another process (a proxy worker, app/workers.py) logged, with this
+process's own lines: as they are in JSON mode (and to LOG_FILE), rendered for people in console
+mode (LOG_FILE gets the JSON)."""
 
 
 def _via_structlog(fields: dict[str, Any]) -> None:

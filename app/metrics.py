@@ -23,7 +23,8 @@ PREFIX = "vllm_api"
 disable_created_metrics()  # no `_created` series: half the lines, no value for dashboards
 
 REGISTRY = CollectorRegistry(auto_describe=True)
-ProcessCollector(registry=REGISTRY)
+PROCESS = ProcessCollector(registry=REGISTRY)
+"""This process's process_* families (left out when several proxy processes serve: app/workers.py)."""
 PlatformCollector(registry=REGISTRY)
 
 LATENCY_BUCKETS = (

@@ -70,13 +70,37 @@ def _uvicorn_internals_missing() -> list[str]:
             "on_headers_complete",
             "on_message_complete",
             "on_response_complete",
+            "pause_writing",
+            "resume_writing",
         ),
         getattr(httptools_impl, "RequestResponseCycle", object): ("run_asgi", "send", "receive"),
-        uvicorn.Server: ("capture_signals",),
+        uvicorn.Server: ("capture_signals", "serve"),
     }
-    return [
+    missing = [
         f"{cls.__name__}.{name}" for cls, names in needed.items() for name in names if not hasattr(cls, name)
     ]
+    # Instance attributes (RELAY_HOOK writes into a response uvicorn started): the names their
+    # initialisers assign.
+    assigned = {
+        getattr(httptools_impl, "RequestResponseCycle", None): (
+            "response_started",
+            "response_complete",
+            "chunked_encoding",
+            "disconnected",
+            "transport",
+            "flow",
+        ),
+        HttpToolsProtocol: ("flow", "cycle"),
+        getattr(httptools_impl, "FlowControl", None): ("write_paused",),
+    }
+    for cls, names in assigned.items():
+        init = getattr(cls, "__init__", None)
+        code = getattr(init, "__code__", None)
+        made = set(code.co_names) if code is not None else set()
+        if cls is HttpToolsProtocol:
+            made |= set(HttpToolsProtocol.connection_made.__code__.co_names)
+        missing += [f"{getattr(cls, '__name__', cls)}.{name}" for name in names if name not in made]
+    return missing
 
 
 def _version_range() -> str:

@@ -410,6 +410,25 @@ class Settings(BaseSettings):
             raise ValueError("BATCH_INPUT and BATCH_OUTPUT go together: set both or neither")
         return self
 
+    # --- Several proxy processes (issue 19, app/workers.py) --------------------------------------
+    PROXY_WORKERS: str = Field(
+        "auto",
+        description="Proxy processes serving PORT (1-64), all one service: one /metrics, one request "
+        "log, one drain. `auto`: as many as the engine's API-server processes (vLLM's "
+        "`--api-server-count` in ENGINE_EXTRA_ARGS), else 1. One process relays some tens of "
+        "thousands of tokens a second (bench/RESULTS.md); a worker that dies is restarted.",
+    )
+
+    @field_validator("PROXY_WORKERS", mode="before")
+    @classmethod
+    def _workers(cls, v: object) -> object:
+        text = str(v).strip().lower() if v is not None else "auto"
+        if text in ("", "auto"):
+            return "auto"
+        if not text.isdigit() or not 1 <= int(text) <= 64:
+            raise ValueError("PROXY_WORKERS must be `auto` or a number of processes from 1 to 64")
+        return str(int(text))
+
 
 def load_settings() -> Settings | None:
     """Settings from the environment; on invalid values, one line per problem on stderr and None

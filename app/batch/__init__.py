@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from app import workers
 from app.batch.api import ApiError, build, owns
 from app.batch.runner import Runner
 from app.batch.store import AsyncStore
@@ -28,6 +29,9 @@ from app.settings import Settings
 __all__ = ["BatchService", "owns"]
 
 log = get_logger("app.batch")
+WORKERS_POLL_S = 1.0
+"""Several proxy processes (app/workers.py): worker 0 runs every batch, and looks at the store this
+often for batches created or cancelled through the other workers."""
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -51,6 +55,7 @@ class BatchService:
         self.runner: Runner | None = None
         self._pipeline: Any = None
         self._task: asyncio.Task | None = None
+        self._watch: asyncio.Future | None = None
         self._lock = asyncio.Lock()
         self.api_inflight = 0
         self.app = build(self)
@@ -100,7 +105,10 @@ class BatchService:
                     not_live=lambda: self.api_inflight,
                 )
                 self.runner.pipeline = self._pipeline
-                self._task = asyncio.ensure_future(self.runner.run())
+                if workers.is_first():  # one runner, whatever the number of proxy processes
+                    if workers.current() is not None:  # batches made by the other workers
+                        self.runner.poll_s = WORKERS_POLL_S
+                    self._task = asyncio.ensure_future(self.runner.run())
                 self.store = store
         return self.store
 
@@ -108,8 +116,22 @@ class BatchService:
         if (self.dir / "batch.db").exists():
             with contextlib.suppress(ApiError):  # logged; the routes answer 503
                 await self.open()
+        elif workers.current() is not None and workers.is_first():
+            # Another worker may create the store: the runner starts once it exists.
+            self._watch = asyncio.ensure_future(self._await_store())
+
+    async def _await_store(self) -> None:
+        while not (self.dir / "batch.db").exists():
+            await asyncio.sleep(WORKERS_POLL_S)
+        with contextlib.suppress(ApiError):
+            await self.open()
 
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
         if self.runner is not None:
             await self.runner.close()
         if self._task is not None:

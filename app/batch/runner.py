@@ -119,6 +119,8 @@ class Runner:
         self.active = 0  # lines inside the pipeline now (counted in runtime.inflight too)
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
+        self.poll_s: float | None = None
+        """Look at the store at least this often, woken or not (None: only when woken)."""
 
     # --- the loop -------------------------------------------------------------------------------
 
@@ -138,7 +140,11 @@ class Runner:
                         job.task.add_done_callback(lambda _t, i=doc["id"]: self.jobs.pop(i, None))
                     elif doc["status"] == "cancelling":
                         job.stop.set()
-                await self._wake.wait()
+                if self.poll_s is None:
+                    await self._wake.wait()
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.poll_s)
         finally:
             await self.close()
 
