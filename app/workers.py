@@ -292,8 +292,13 @@ def is_first() -> bool:
 
 
 def bind_sockets(host: str, port: int, count: int) -> list[socket.socket]:
-    """`count` listening sockets on one port (SO_REUSEPORT). OSError if the port is taken."""
+    """`count` listening sockets on one port (SO_REUSEPORT). OSError if the port is taken, also by
+    another process's SO_REUSEPORT sockets (which would otherwise share it silently)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        port = probe.getsockname()[1]  # port 0: one the system picked, for all of them
     out: list[socket.socket] = []
     try:
         for _ in range(count):

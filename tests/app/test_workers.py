@@ -98,15 +98,20 @@ def test_a_restarted_workers_slot_starts_empty(shared):
 
 
 def test_sockets_on_one_port_share_it_and_a_taken_port_is_refused():
-    socks = workers.bind_sockets("127.0.0.1", 0, 1)
+    socks = workers.bind_sockets("127.0.0.1", 0, 3)
     port = socks[0].getsockname()[1]
-    socks[0].close()
-    socks = workers.bind_sockets("127.0.0.1", port, 3)
     assert {s.getsockname()[1] for s in socks} == {port}
     with socket.socket() as other, pytest.raises(OSError):  # one that binds it without SO_REUSEPORT
         other.bind(("127.0.0.1", port))
+    with pytest.raises(OSError):  # another launcher's workers: it must not share them silently
+        workers.bind_sockets("127.0.0.1", port, 2)
     for s in socks:
         s.close()
+    with socket.socket() as plain:  # a plain server on the port
+        plain.bind(("127.0.0.1", 0))
+        plain.listen()
+        with pytest.raises(OSError):
+            workers.bind_sockets("127.0.0.1", plain.getsockname()[1], 2)
 
 
 class _Log:
