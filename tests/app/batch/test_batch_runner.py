@@ -280,3 +280,25 @@ def test_lines_running_at_the_expiry_are_hung_up_on_and_listed_as_expired(tmp_pa
         await store.close()
 
     asyncio.run(main())
+
+
+def test_with_several_workers_the_runner_finds_batches_another_worker_created(tmp_path):
+    """PROXY_WORKERS > 1 (app/workers.py): worker 0 runs every batch, but a batch created through
+    another worker wakes only that worker's (idle) runner. Worker 0's looks at the store every
+    `poll_s` and finds it."""
+
+    async def main():
+        runtime, store, runner, pipe, first = await setup(tmp_path, 1)
+        runner.poll_s = 0.2
+        task = asyncio.ensure_future(runner.run())
+        assert (await finished(store, first))["request_counts"]["completed"] == 1
+        tmp = await store.run(Store.temp_path)  # another worker, on the same store: no wake() here
+        tmp.write_bytes(orjson.dumps({"custom_id": "x", "method": "POST", "url": EP, "body": {"model": "m"}}))
+        file = await store.run(Store.add_file, tmp, "in2.jsonl", "batch")
+        doc = new_batch_doc(file["id"], EP, None)
+        await store.run(Store.add_batch, doc)
+        assert (await finished(store, doc["id"], timeout=5))["request_counts"]["completed"] == 1
+        task.cancel()
+        await store.close()
+
+    asyncio.run(main())
