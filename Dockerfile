@@ -46,6 +46,7 @@ RUN useradd --system --uid 10001 --gid 0 --home-dir /home/app --create-home app 
  && chmod -R g+rwX /data /home/app
 
 COPY app/ app/
+COPY profiles/ profiles/
 COPY scripts/ scripts/
 
 # The CPU path of ../shared/notes/cpu-vllm.md: float32, a 1 GiB KV cache, the fast-start flags.
@@ -91,6 +92,7 @@ RUN useradd --system --uid 10001 --gid 0 --home-dir /home/app --create-home app 
  && chmod -R g+rwX /data /home/app
 
 COPY app/ app/
+COPY profiles/ profiles/
 COPY scripts/ scripts/
 
 # The summary card's defaults, in this one place: Qwen2-VL 7B on one GPU. Every one is a setting of

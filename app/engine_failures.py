@@ -89,8 +89,8 @@ def classify(line: str, max_model_len: int | None = None) -> Failure | None:
         )
         return Failure(
             "kv_cache",
-            f"The KV cache for a {asked}-token context needs {m['needed']} GiB and only {m['available']} "
-            f"GiB is left after the weights: {tail}, raise GPU_MEMORY_UTIL, or use more GPUs.",
+            f"The KV cache for a context of {asked} tokens needs {m['needed']} GiB and only "
+            f"{m['available']} GiB is left after the weights: {tail}, raise GPU_MEMORY_UTIL, or use more GPUs.",
             fits,
             line,
         )

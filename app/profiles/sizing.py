@@ -30,7 +30,6 @@ ACTIVATION_BYTES = 2  # bf16/fp16 activations
 QUANT_MIN_CAPABILITY = {
     "awq": "7.5", "awq_marlin": "7.5", "gptq": "6.0", "gptq_marlin": "6.0", "fp8": "7.5",
     "fbgemm_fp8": "8.0", "compressed-tensors": "7.0", "modelopt": "8.0", "mxfp4": "8.0",
-    "bitsandbytes": "7.0",
 }  # fmt: skip
 BF16_MIN_CAPABILITY = "8.0"  # Ampere: torch's bf16 support on CUDA
 
