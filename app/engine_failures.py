@@ -38,8 +38,8 @@ _ARCH = re.compile(
 )
 # vllm/transformers_utils/config.py and transformers' dynamic_module_utils.resolve_trust_remote_code
 _REMOTE_CODE = re.compile(
-    r"consider setting `trust_remote_code=True`|Please pass the argument `trust_remote_code=True`"
-    r"|contains custom code which must be executed|requires you to execute the configuration file"
+    r"Error.*(?:`trust_remote_code=True`|contains custom code which must be executed"
+    r"|requires you to execute (?:the configuration file|custom code))"
 )
 # argparse (FlexibleArgumentParser.error)
 _UNKNOWN_FLAG = re.compile(r"error: unrecognized arguments: (?P<flags>.+)$")
@@ -201,8 +201,9 @@ class FailureWatcher:
         self.failure: Failure | None = None
 
     def feed(self, line: str) -> None:
-        if "rror" not in line and "memory" not in line and "trust_remote_code" not in line:
-            return  # the cheap test first: most lines are progress
+        low = line.lower()
+        if "error" not in low and "memory" not in low:
+            return  # every message above is on an error line or speaks of memory; most lines are progress
         found = classify(line)
         if found is None:
             return

@@ -119,7 +119,7 @@ def hub_metadata(
         path = hf_hub_download(
             repo_id,
             "config.json",
-            revision=info.sha or revision,
+            revision=revision,  # by name: the cache records which commit "main" is
             token=token,
             cache_dir=cache_dir,
             endpoint=endpoint,
