@@ -32,6 +32,7 @@ from app.health_port import health_only
 from app.logs import configure_from, get_logger, use_console
 from app.main import create_app
 from app.model import ModelError, looks_like_path, resolve_model
+from app.profiles import sizing
 from app.profiles.hardware import from_report
 from app.proxy.upstream import Upstream, UpstreamError
 from app.runtime import Phase, Runtime
@@ -366,25 +367,23 @@ class Launcher:
 
     def _log_configuration(self, choice: profiles.Choice, gpus: Any) -> None:
         """One record: the configuration chosen, and the arithmetic behind it."""
+        s, facts = self.settings, self.facts
         chosen = next((c for c in choice.candidates if c.profile == choice.report.get("id")), None)
-        if choice.report.get("id") is None and choice.candidates:
-            chosen = next((c for c in choice.candidates if c.match == "computed"), chosen)
-        facts = self.facts
+        if chosen is None:  # no profile: the computed defaults' judgement, whatever it was
+            chosen = next((c for c in choice.candidates if c.match == "computed"), None)
         arithmetic = None
         if facts is not None and chosen is not None and chosen.plan is not None:
-            if chosen.match == "computed" or chosen.plan.max_model_len:
-                self.computed_len = chosen.plan.max_model_len
+            p = chosen.plan
+            # What an out-of-memory retry may fall back to: the longest context the arithmetic fits.
+            self.computed_len = min(p.fits_tokens, facts.max_model_len) // 256 * 256 or None
             arithmetic = {
                 "gpus": gpus.label,
-                "weights_gb": round((facts.weights_bytes or 0) / 1e9, 2),
+                "weights_gb": round(sizing.weights_bytes(facts, s.DTYPE, s.QUANTIZATION) / 1e9, 2),
                 "weights_from": facts.weights_source,
-                "params_b": round((facts.params or 0) / 1e9, 3),
-                "kv_bytes_per_token": chosen.plan.kv_bytes_per_token * chosen.plan.tensor_parallel_size
-                if facts.num_kv_heads >= chosen.plan.tensor_parallel_size
-                else None,
+                "kv_bytes_per_token": sizing.kv_bytes_per_token(facts, 1, 1, s.KV_CACHE_DTYPE, s.DTYPE),
                 "model_max_len": facts.max_model_len,
-                "chosen": chosen.plan.arithmetic(),
-                "tried": [p.arithmetic() for p in chosen.tried],
+                "chosen": p.arithmetic(),
+                "tried": [t.arithmetic() for t in chosen.tried],
             }
         log.info(
             "engine configuration",

@@ -308,7 +308,8 @@ def apply(settings: Any, cand: Candidate, user_set: set[str]) -> tuple[Any, dict
         if name == "ENGINE_EXTRA_ARGS":
             update[name] = f"{value} {settings.ENGINE_EXTRA_ARGS}".strip()
         elif name in user_set:
-            overridden[name] = {"profile": value, "set": getattr(settings, name)}
+            if getattr(settings, name) != value:
+                overridden[name] = {"profile": value, "set": getattr(settings, name)}
         else:
             update[name] = value
     report = {
