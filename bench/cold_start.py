@@ -104,13 +104,23 @@ def main() -> int:
         log = Path(tmp) / "stack.log"
         for mode in args.modes.split(","):
             runs: dict[str, list[dict[str, float]]] = {"cold": [], "warm": []}
+            warmed: Path | None = None
             for r in range(args.rounds):
-                data = Path(tmp) / f"{mode}-{r}"
-                data.mkdir()
-                for kind in ("cold", "warm"):
+                fresh = Path(tmp) / f"{mode}-{r}"
+                fresh.mkdir()
+                # Alternate the order (cold, warm / warm, cold) so a drift in the machine's load
+                # does not favour one side; a warm start uses the volume an earlier cold one filled.
+                order = (
+                    [("cold", fresh), ("warm", fresh)]
+                    if warmed is None or r % 2 == 0
+                    else [("warm", warmed), ("cold", fresh)]
+                )
+                for kind, data in order:
                     phases = start_once(data, MODES[mode], Path(args.model), log)
+                    phases["load_average"] = round(os.getloadavg()[0], 1)
                     runs[kind].append(phases)
                     print(f"{mode} round {r + 1} {kind}: " + json.dumps(phases), flush=True)
+                warmed = fresh
             results["modes"][mode] = runs
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
@@ -119,7 +129,7 @@ def main() -> int:
     for mode, runs in results["modes"].items():
         phases = [
             p
-            for p in ("engine_load", "compile", "warmup", "ready", "total")
+            for p in ("model_inspection", "engine_load", "compile", "warmup", "ready", "total")
             if any(p in r for r in runs["cold"])
         ]
         print(f"\n{mode}\n| phase | cold | warm | saved |\n|---|--:|--:|--:|")
