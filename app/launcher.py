@@ -359,10 +359,12 @@ class Launcher:
             self.settings = choice.settings
             self.runtime.profile = choice.report
             self._log_configuration(choice, gpus)
-            problem = preflight.memory_fit(pre.facts, gpus, self.settings, s.MODEL_NAME)
-            if problem:
-                log.error(problem)
-                return None
+            fit = preflight.memory_fit(pre.facts, gpus, self.settings, s.MODEL_NAME)
+            if fit is not None:
+                level, message = fit
+                getattr(log, level)(message)
+                if level == "error":
+                    return None
         return expected
 
     def _log_configuration(self, choice: profiles.Choice, gpus: Any) -> None:

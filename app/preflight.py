@@ -175,15 +175,17 @@ def disk_check(
     )
 
 
-def memory_fit(facts: ModelFacts | None, gpus: GpuSet, settings: Any, name: str) -> str | None:
-    """None if the configuration's weights fit on the GPUs (with room for some KV cache), else the
-    sentence to show. A context longer than what fits is left to vLLM, which says what fits (and
-    the launcher retries with it)."""
+def memory_fit(facts: ModelFacts | None, gpus: GpuSet, settings: Any, name: str) -> tuple[str, str] | None:
+    """None if the configuration fits on the GPUs (weights, the allowance, some KV cache), else
+    (level, sentence). `error` when it certainly cannot start: the parallel sizes do not match the
+    GPUs or the model, or the weights alone exceed the memory vLLM may use. `warning` when only the
+    allowance (an estimate) tips it over: vLLM then decides. A context longer than what fits is left
+    to vLLM, which says what fits (and the launcher retries with it)."""
     if facts is None or gpus.count == 0 or settings.DEVICE == "cpu":
         return None
     tp, pp = settings.TENSOR_PARALLEL_SIZE or 1, settings.PIPELINE_PARALLEL_SIZE or 1
     if tp * pp > gpus.count:
-        return (
+        return "error", (
             f"TENSOR_PARALLEL_SIZE={tp} x PIPELINE_PARALLEL_SIZE={pp} needs {tp * pp} GPUs and "
             f"{gpus.count} {'is' if gpus.count == 1 else 'are'} visible: start the container with more "
             "GPUs or lower the sizes."
@@ -191,7 +193,9 @@ def memory_fit(facts: ModelFacts | None, gpus: GpuSet, settings: Any, name: str)
     why = valid_tp(facts, tp)
     if why:
         sizes = [t for t in range(1, gpus.count + 1) if valid_tp(facts, t) is None]
-        return f"{name}: {why}; valid sizes on {gpus.count} GPUs: {', '.join(map(str, sizes))} (TENSOR_PARALLEL_SIZE)."
+        return "error", (
+            f"{name}: {why}; valid sizes on {gpus.count} GPUs: {', '.join(map(str, sizes))} (TENSOR_PARALLEL_SIZE)."
+        )
     kwargs = {
         "gpu_memory_utilization": settings.GPU_MEMORY_UTIL,
         "dtype": settings.DTYPE,
@@ -200,8 +204,9 @@ def memory_fit(facts: ModelFacts | None, gpus: GpuSet, settings: Any, name: str)
         "max_num_seqs": settings.MAX_NUM_SEQS,
         "max_batched_tokens": settings.MAX_BATCHED_TOKENS,
     }
+    floor = min(MIN_CONTEXT, facts.max_model_len)
     here = plan(facts, gpus, tp, pp, **kwargs)
-    if here.fits_tokens >= min(MIN_CONTEXT, facts.max_model_len):
+    if here.fits_tokens >= floor:
         return None
     # How many of these GPUs it would take.
     bigger = [
@@ -212,18 +217,22 @@ def memory_fit(facts: ModelFacts | None, gpus: GpuSet, settings: Any, name: str)
         and plan(
             facts, GpuSet(t, gpus.name, gpus.memory_mib, gpus.compute_capability), t, **kwargs
         ).fits_tokens
-        >= min(MIN_CONTEXT, facts.max_model_len)
+        >= floor
     ]
     advice = (
         f"use {bigger[0]} such GPUs (TENSOR_PARALLEL_SIZE={bigger[0]})"
         if bigger
         else "use GPUs with more memory"
     )
-    return (
-        f"{name} does not fit: its weights take {here.weights_bytes / 1e9:.1f} GB per GPU at "
-        f"TENSOR_PARALLEL_SIZE={tp} and, with {here.allowance_bytes / 1e9:.1f} GB for activations, "
-        f"leave no room for a KV cache in the {gpus.name}'s {here.budget_bytes / 1e9:.1f} GB "
-        f"(GPU_MEMORY_UTIL {here.gpu_memory_utilization}): {advice}, or a quantized model."
+    weights = f"its weights take {here.weights_bytes / 1e9:.1f} GB per GPU at TENSOR_PARALLEL_SIZE={tp}"
+    budget = (
+        f"the {gpus.name}'s {here.budget_bytes / 1e9:.1f} GB (GPU_MEMORY_UTIL {here.gpu_memory_utilization})"
+    )
+    if here.weights_bytes > here.budget_bytes:
+        return "error", f"{name} does not fit: {weights}, more than {budget}: {advice}, or a quantized model."
+    return "warning", (
+        f"{name} may not fit: {weights} and, with an estimated {here.allowance_bytes / 1e9:.1f} GB for "
+        f"activations, leave no room for a KV cache in {budget}; vLLM will tell. Else {advice}."
     )
 
 

@@ -158,26 +158,39 @@ def settings(**env) -> Settings:
 
 def test_memory_fit_says_how_many_gpus_it_would_take():
     facts = facts_from_config(LLAMA_31_70B)
-    problem = memory_fit(facts, parse_gpus("1xH100-80GB"), settings(), "Llama 70B")
-    assert problem.startswith(
-        "Llama 70B does not fit: its weights take 141.1 GB per GPU at TENSOR_PARALLEL_SIZE=1"
+    level, problem = memory_fit(facts, parse_gpus("1xH100-80GB"), settings(), "Llama 70B")
+    assert level == "error"
+    assert problem == (
+        "Llama 70B does not fit: its weights take 141.1 GB per GPU at TENSOR_PARALLEL_SIZE=1, more than the "
+        "H100's 78.7 GB (GPU_MEMORY_UTIL 0.92): use 2 such GPUs (TENSOR_PARALLEL_SIZE=2), or a quantized model."
     )
-    assert problem.endswith("use 2 such GPUs (TENSOR_PARALLEL_SIZE=2), or a quantized model.")
     assert memory_fit(facts, parse_gpus("2xH100-80GB"), settings(TENSOR_PARALLEL_SIZE=2), "m") is None
-    problem = memory_fit(facts, parse_gpus("1xL4"), settings(), "m")
+    level, problem = memory_fit(facts, parse_gpus("1xL4"), settings(), "m")
     assert problem.endswith("use 8 such GPUs (TENSOR_PARALLEL_SIZE=8), or a quantized model.")
     assert memory_fit(facts_from_config(LLAMA_31_8B), parse_gpus("1xL4"), settings(), "m") is None
+
+
+def test_only_the_estimated_allowance_tipping_it_over_is_a_warning():
+    # 70B at tp=2 on two 80 GB cards with 86% of the memory: the weights fit, the allowance not.
+    facts = facts_from_config(LLAMA_31_70B)
+    level, message = memory_fit(
+        facts, parse_gpus("2xH100-80GB"), settings(TENSOR_PARALLEL_SIZE=2, GPU_MEMORY_UTIL=0.86), "m"
+    )
+    assert level == "warning" and message.startswith("m may not fit: its weights take 70.6 GB per GPU")
+    assert "vLLM will tell" in message
 
 
 def test_memory_fit_checks_the_parallel_sizes_and_skips_the_cpu():
     facts = facts_from_config(LLAMA_31_70B)
     assert memory_fit(facts, parse_gpus("1xH100-80GB"), settings(TENSOR_PARALLEL_SIZE=2), "m") == (
+        "error",
         "TENSOR_PARALLEL_SIZE=2 x PIPELINE_PARALLEL_SIZE=1 needs 2 GPUs and 1 is visible: start the "
-        "container with more GPUs or lower the sizes."
+        "container with more GPUs or lower the sizes.",
     )
     assert memory_fit(facts, parse_gpus("4xH100-80GB"), settings(TENSOR_PARALLEL_SIZE=3), "m") == (
+        "error",
         "m: tensor parallel size 3 does not divide the 64 attention heads; valid sizes on 4 GPUs: 1, 2, 4 "
-        "(TENSOR_PARALLEL_SIZE)."
+        "(TENSOR_PARALLEL_SIZE).",
     )
     assert memory_fit(facts, parse_gpus("1xL4"), settings(DEVICE="cpu"), "m") is None
     assert memory_fit(None, parse_gpus("1xL4"), settings(), "m") is None
