@@ -66,12 +66,13 @@ def _facts(model: str, revision: str | None) -> tuple[ModelFacts | None, str | N
 
 
 def _model_line(model: str, facts: ModelFacts) -> str:
-    gb = weights_bytes(facts) / 1e9
+    size = weights_bytes(facts)
+    weights = f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
     kv = kv_bytes_per_token(facts) / 1024
     arch = ", ".join(facts.architectures) or facts.model_type
     quant = f" {facts.quant_method}" if facts.quant_method else f" {serve_dtype(facts, None)}"
     return (
-        f"Model: {model} ({arch}; {gb:.1f} GB of{quant} weights, {kv:.0f} KiB of KV cache per token, "
+        f"Model: {model} ({arch}; {weights} of{quant} weights, {kv:.4g} KiB of KV cache per token, "
         f"context up to {facts.max_model_len})"
     )
 
