@@ -7,7 +7,7 @@ over rounds; the launcher's own phase timings (`/info` startup_s) are compared p
 
 Cold really is cold: DATA_DIR holds vLLM's cache root and torch's own inductor cache
 (TORCHINDUCTOR_CACHE_DIR), and a fresh DATA_DIR is made for each cold start. Results go to
-bench/results/cold_start.json. Ports 19300-19301.
+bench/results/cold_start.json; each start's log is kept in a temporary folder named at the end.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import os
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -31,13 +32,21 @@ MODES = {
     "eager": "--enforce-eager --distributed-executor-backend uni",
     "compiled": "--distributed-executor-backend uni",
 }
-PORT, ENGINE_PORT = 19300, 19301
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 # vLLM's own timing (at debug) of the step its model-info cache skips: a subprocess that imports the
 # model's module to inspect its class.
 INSPECT = re.compile(r"Registry inspect model class: Elapsed time ([\d.]+) secs")
 
 
 def start_once(data_dir: Path, extra_args: str, model: Path, log: Path) -> dict[str, float]:
+    port = free_port()  # fresh ports: an engine still exiting must not hold the next start's
     env = {
         **{k: v for k, v in os.environ.items() if k not in ("HF_HOME", "VLLM_CACHE_ROOT")},
         "MODEL_NAME": str(model),
@@ -55,10 +64,9 @@ def start_once(data_dir: Path, extra_args: str, model: Path, log: Path) -> dict[
         "SCRAPE_INTERVAL": "0",
         "VLLM_LOGGING_LEVEL": "DEBUG",
         "LOG_LEVEL": "DEBUG",
-        "PORT": str(PORT),
-        "ENGINE_PORT": str(ENGINE_PORT),
+        "PORT": str(port),
+        "ENGINE_PORT": str(free_port()),
     }
-    log.write_bytes(b"")
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [str(ROOT / "scripts" / "start.sh")], env=env, stdout=out, stderr=out, start_new_session=True
@@ -69,9 +77,10 @@ def start_once(data_dir: Path, extra_args: str, model: Path, log: Path) -> dict[
             if proc.poll() is not None:
                 raise RuntimeError(f"the stack exited with {proc.returncode}; see {log}")
             try:
-                info = httpx.get(f"http://127.0.0.1:{PORT}/info", timeout=2).json()
+                info = httpx.get(f"http://127.0.0.1:{port}/info", timeout=2).json()
                 if info.get("status") == "ready":
                     inspect = [float(m[1]) for m in INSPECT.finditer(log.read_text(errors="replace"))]
+                    log.rename(log.with_name(f"{data_dir.name}-{time.time():.0f}.log"))
                     return {**info["startup_s"], "model_inspection": max(inspect, default=0.0)}
             except (httpx.HTTPError, ValueError):
                 pass
@@ -100,8 +109,9 @@ def main() -> int:
     args = parser.parse_args()
     load = os.getloadavg()[0]
     results: dict = {"load_average_at_start": load, "cpus": os.cpu_count(), "modes": {}}
-    with tempfile.TemporaryDirectory(prefix="cold-start-") as tmp:
-        log = Path(tmp) / "stack.log"
+    tmp = tempfile.mkdtemp(prefix="cold-start-")
+    log = Path(tmp) / "stack.log"
+    try:
         for mode in args.modes.split(","):
             runs: dict[str, list[dict[str, float]]] = {"cold": [], "warm": []}
             warmed: Path | None = None
@@ -122,6 +132,8 @@ def main() -> int:
                     print(f"{mode} round {r + 1} {kind}: " + json.dumps(phases), flush=True)
                 warmed = fresh
             results["modes"][mode] = runs
+    finally:
+        print(f"logs: {tmp} (data folders too: remove it when done)", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
 
