@@ -343,8 +343,8 @@ class Settings(BaseSettings):
     )
     VLLM_CACHE_ROOT: Path | None = Field(
         None,
-        description="vLLM's cache root (torch.compile artifacts). Default: DATA_DIR/vllm-cache, "
-        "else vLLM's own (~/.cache/vllm).",
+        description="vLLM's cache root (torch.compile artifacts, its model-inspection cache). Default: "
+        "DATA_DIR/vllm-cache, else vLLM's own (~/.cache/vllm).",
     )
 
     @field_validator("PROFILES_FILE")
