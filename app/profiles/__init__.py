@@ -85,7 +85,7 @@ def choose(
         None,
     ) or next(
         (
-            manifest._profile(raw, "forced", e.source)
+            manifest.as_profile(raw, "forced", e.source)
             for e in entries
             for raw in e.profiles
             if raw["id"] == mode

@@ -107,7 +107,7 @@ def list_command(args: argparse.Namespace) -> int:
             entries, None if local else args.model, facts.architectures if facts else None
         )
     else:  # every profile of the manifest, judged by what it declares
-        profiles = [manifest._profile(raw, "id", e.source) for e in entries for raw in e.profiles]
+        profiles = [manifest.as_profile(raw, "id", e.source) for e in entries for raw in e.profiles]
     cands = candidates(profiles, facts, gpus, args.engine)
     if args.json:
         out: list[dict[str, Any]] = [c.as_dict() for c in cands]

@@ -101,7 +101,8 @@ def load(user_file: Path | None = None, builtin: Path = BUILTIN) -> list[Entry]:
     return out
 
 
-def _profile(raw: dict[str, Any], match: str, source: str) -> Profile:
+def as_profile(raw: dict[str, Any], match: str, source: str) -> Profile:
+    """A profile as written in a manifest entry, with how it matched the model."""
     needs = raw["needs"]
     return Profile(
         id=raw["id"],
@@ -124,14 +125,14 @@ def profiles_for(
     """The profiles that apply to a model, best first: those of its Hub id, then its family's."""
     wanted = (model_id or "").lower()
     by_id = [
-        _profile(raw, "id", e.source)
+        as_profile(raw, "id", e.source)
         for e in entries
         if wanted and wanted in (i.lower() for i in e.ids)
         for raw in e.profiles
     ]
     archs = set(architectures or ())
     by_family = [
-        _profile(raw, "family", e.source)
+        as_profile(raw, "family", e.source)
         for e in entries
         if archs & set(e.architectures)
         for raw in e.profiles

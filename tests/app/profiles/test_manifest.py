@@ -107,7 +107,7 @@ def test_every_profiles_flags_are_accepted_by_vllms_own_parser():
         for raw in e.profiles:
             if raw["engine"] != "vllm":
                 continue
-            profile = manifest._profile(raw, "id", e.source)
+            profile = manifest.as_profile(raw, "id", e.source)
             s = Settings(MODEL_NAME="org/m").model_copy(update=profile_settings(profile))
             args = parser.parse_args(build_command(s, "/m")[3:])
             if "max_model_len" in raw:
