@@ -192,13 +192,11 @@ class Planner:
             if p.fits_tokens < floor:
                 cand.reason = self._no_room(p)
                 return cand
+            if tp is None:  # the size the arithmetic picked is part of the configuration
+                cand.settings = {**cand.settings, "TENSOR_PARALLEL_SIZE": p.tensor_parallel_size}
             if length is None:
                 cand.max_model_len = p.max_model_len
-                cand.settings = {
-                    **own,
-                    "TENSOR_PARALLEL_SIZE": p.tensor_parallel_size,
-                    "MAX_MODEL_LEN": p.max_model_len,
-                }
+                cand.settings = {**cand.settings, "MAX_MODEL_LEN": p.max_model_len}
             elif not p.fits:
                 cand.group, cand.fits_max_model_len = LOW_MEMORY, _fits_len(p, self.facts)
                 cand.reason = self._short(p, length)

@@ -123,6 +123,18 @@ def test_a_fine_tune_without_an_id_entry_gets_its_familys_profile(tmp_path):
     }
 
 
+def test_a_family_profile_keeps_the_size_it_computed_when_the_user_sets_the_context():
+    cands = candidates(
+        manifest.profiles_for(manifest.load(), "someone/qwen2-vl-tune", ["Qwen2VLForConditionalGeneration"]),
+        facts_from_config(QWEN2_VL_7B),
+        box("2xRTX4090"),
+        overrides={"MAX_MODEL_LEN": 32768, "GPU_MEMORY_UTIL": 0.5},
+    )
+    family = next(c for c in cands if c.profile == "qwen2-vl-family")
+    assert family.group == RUNNABLE and family.settings["TENSOR_PARALLEL_SIZE"] == 2
+    assert "MAX_MODEL_LEN" not in family.settings  # the user's stands
+
+
 def test_users_settings_enter_the_judgement():
     # TENSOR_PARALLEL_SIZE=2 on 8 H100s: the bf16 profiles cannot hold 128k at tp=2; FP8 can.
     cands = judged(LLAMA_70B_ID, LLAMA_31_70B, "8xH100", TENSOR_PARALLEL_SIZE=2)
