@@ -57,6 +57,7 @@ RUN useradd --system --uid 10001 --gid 0 --home-dir /home/app --create-home app 
  && chmod -R g+rwX /data /home/app
 
 COPY app/ app/
+COPY profiles/ profiles/
 COPY scripts/ scripts/
 
 # The CPU path of ../shared/notes/cpu-vllm.md: float32, a 1 GiB KV cache, the fast-start flags.
@@ -105,6 +106,7 @@ RUN useradd --system --uid 10001 --gid 0 --home-dir /home/app --create-home app 
  && chmod -R g+rwX /data /home/app
 
 COPY app/ app/
+COPY profiles/ profiles/
 COPY scripts/ scripts/
 
 # The installed vLLM's flags, from its own argument parser: at start the launcher leaves out (and names)
@@ -114,17 +116,11 @@ RUN python3 -m app.engines.vllm_flags /app/vllm-flags.json \
  || echo "vllm_flags: could not read vLLM's flags here; the launcher will not check them"
 ENV ENGINE_FLAGS_FILE=/app/vllm-flags.json
 
-# The summary card's defaults, in this one place: Qwen2-VL 7B on one GPU. Every one is a setting of
-# app/settings.py that `docker run -e`, the compose .env or a RunPod template overrides; QUICKSTART.md
-# has the env blocks for other models (context length, GPUs, quantization).
-# DL3064 (secret-looking name): MAX_BATCHED_TOKENS is a count of tokens, not a credential.
-# hadolint ignore=DL3064
-ENV MAX_MODEL_LEN=32768 \
-    GPU_MEMORY_UTIL=0.95 \
-    MAX_NUM_SEQS=12 \
-    MAX_BATCHED_TOKENS=10240 \
-    IMAGE_LIMIT=5 \
-    VIDEO_LIMIT=1
+# No engine tuning here: the summary card's defaults (Qwen2-VL 7B on one GPU: 32k context, 0.95 of
+# the GPU, 12 sequences, 10240 tokens a step, 5 images and 1 video a prompt) are that model's profile
+# in profiles/models.yaml, which MODEL_PROFILE=auto picks on a GPU that fits it; any other model gets
+# its own profile or defaults computed for its size and the GPUs. A value set here would override
+# every profile for every model (LLaVA 1.5 cannot start at 32k). `-e` any setting to pin it.
 
 # Optional: a model baked into the image. The token is a BuildKit secret (a file under /run/secrets
 # for this one step), never an ARG or ENV, so it is in no layer and no history. Its cache is

@@ -205,6 +205,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             },
             "device": settings.DEVICE,
             "gpus": runtime.gpus,
+            "profile": runtime.profile,
+            "startup_s": runtime.startup,
+            "caches": runtime.caches,
             "uptime_s": round(time.time() - runtime.started_at, 1),
             "proxy_version": __version__,
         }

@@ -116,3 +116,12 @@ for _kind in ("connect", "timeout", "protocol"):
 # vllm_api_gpu_{memory_used_bytes,memory_total_bytes,utilization_ratio,temperature_celsius,power_watts}
 GPU = GpuCollector(PREFIX)
 REGISTRY.register(GPU)
+
+# Start-up: seconds per phase of the last start (app/startup.py), set once when the engine is ready.
+STARTUP_SECONDS = Gauge(
+    f"{PREFIX}_startup_seconds",
+    "Seconds the last start-up spent per phase: gpu_check, preflight, download, engine_load, compile, "
+    "warmup, ready, failed_start (a retried attempt), total.",
+    ["phase"],
+    registry=REGISTRY,
+)

@@ -27,6 +27,12 @@ class Runtime:
     """The engine's argv with secrets masked."""
     model_path: str | None = None
     gpus: dict[str, Any] | None = None
+    profile: dict[str, Any] | None = None
+    """The configuration chosen at start-up (profile, computed defaults or none) and what overrode it."""
+    startup: dict[str, float] | None = None
+    """Seconds per start-up phase, once ready."""
+    caches: dict[str, str | None] | None = None
+    """Where the Hugging Face and vLLM caches are."""
     inflight: int = 0
     grace: bool = False
     """Draining, but still serving new requests (DRAIN_GRACE_SECONDS) until routers notice."""

@@ -410,6 +410,57 @@ class Settings(BaseSettings):
             raise ValueError("BATCH_INPUT and BATCH_OUTPUT go together: set both or neither")
         return self
 
+    # --- Profiles, preflight and start-up (model profiles, hardware-aware defaults) ----------
+    MODEL_PROFILE: str = Field(
+        "auto",
+        pattern=r"^[a-z0-9][a-z0-9._-]*$",
+        description="`auto`: the first profile of `profiles/models.yaml` (and PROFILES_FILE) that runs "
+        "on the GPUs found, else defaults computed from the model's config and the GPUs (tensor "
+        "parallel size, context); `none`: neither; a profile id: that one (exit 1 if it cannot run "
+        "here). Any engine setting you set wins over the profile; `/info` shows both.",
+    )
+    PROFILES_FILE: Path | None = Field(
+        None,
+        description="A YAML manifest of your own profiles (format: `profiles/schema.json`), read "
+        "before the built-in one; a profile with a built-in id replaces it.",
+    )
+    PIPELINE_PARALLEL_SIZE: int | None = Field(
+        None, ge=1, description="Pipeline stages (GPUs in a row): `--pipeline-parallel-size`."
+    )
+    KV_CACHE_DTYPE: str | None = Field(
+        None, description="KV cache dtype (`auto`, `fp8`, `fp8_e4m3`, `fp8_e5m2`, ...): `--kv-cache-dtype`."
+    )
+    LOAD_FORMAT: str | None = Field(
+        None,
+        description="How vLLM loads the weights (`auto`, `safetensors`, `runai_streamer`, "
+        "`fastsafetensors`, ...): `--load-format`.",
+    )
+    AUTO_RETRY: bool = Field(
+        True,
+        description="When the engine fails to start because the KV cache cannot hold MAX_MODEL_LEN, "
+        "or runs out of GPU memory after loading the weights, start it once more with the context "
+        "length vLLM says fits (logged).",
+    )
+    DATA_DIR: Path = Field(
+        Path("/data"),
+        description="The volume for the Hugging Face cache (HF_HOME unset: `DATA_DIR/huggingface`) "
+        "and vLLM's compile cache (VLLM_CACHE_ROOT unset: `DATA_DIR/vllm-cache`), so a restart skips "
+        "the download and the compile. Missing, read-only or full: the home folder's caches instead "
+        "(logged).",
+    )
+    VLLM_CACHE_ROOT: Path | None = Field(
+        None,
+        description="vLLM's cache root (torch.compile artifacts, its model-inspection cache). Default: "
+        "DATA_DIR/vllm-cache, else vLLM's own (~/.cache/vllm).",
+    )
+
+    @field_validator("PROFILES_FILE")
+    @classmethod
+    def _profiles_readable(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"PROFILES_FILE {v} is not a readable file")
+        return v
+
 
 def load_settings() -> Settings | None:
     """Settings from the environment; on invalid values, one line per problem on stderr and None

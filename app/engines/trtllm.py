@@ -37,6 +37,7 @@ VALUE_FLAGS = {
     "TENSOR_PARALLEL_SIZE": "--tp_size",
     "MAX_NUM_SEQS": "--max_batch_size",
     "MAX_BATCHED_TOKENS": "--max_num_tokens",
+    "PIPELINE_PARALLEL_SIZE": "--pp_size",
 }
 # Settings that go into the LLM API options file.
 OPTION_SETTINGS = ("DTYPE", "ENABLE_CHUNKED_PREFILL", "ENABLE_PREFIX_CACHING")
@@ -47,6 +48,8 @@ UNMAPPED = {
     "IMAGE_LIMIT": "no per-prompt multimodal limits",
     "VIDEO_LIMIT": "no per-prompt multimodal limits",
     "AUDIO_LIMIT": "no per-prompt multimodal limits",
+    "KV_CACHE_DTYPE": "set kv_cache_config.dtype in an options file of your own",
+    "LOAD_FORMAT": "trtllm-serve loads checkpoints its own way",
 }
 OWN_OPTIONS_FLAGS = ("--extra_llm_api_options", "--config")
 # Engine metric families that would clash with the proxy's, or that only describe its HTTP layer.

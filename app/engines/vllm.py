@@ -22,6 +22,9 @@ VALUE_FLAGS = {
     "DTYPE": "--dtype",
     "QUANTIZATION": "--quantization",
     "MODEL_REVISION": "--revision",
+    "PIPELINE_PARALLEL_SIZE": "--pipeline-parallel-size",
+    "KV_CACHE_DTYPE": "--kv-cache-dtype",
+    "LOAD_FORMAT": "--load-format",
 }
 # Tri-state booleans: unset passes nothing, true/false pick the flag or its `--no-` form.
 BOOL_FLAGS = {

@@ -232,3 +232,13 @@ def test_the_proxy_in_front_of_a_trtllm_serve_stand_in_serves_one_scrape_and_its
             assert not any(n.startswith("http_") for n in names)
     finally:
         server.shutdown()
+
+
+def test_pipeline_parallel_maps_to_pp_size_and_the_other_profile_settings_are_named():
+    """Settings added with model profiles (issue 16)."""
+    s = settings(PIPELINE_PARALLEL_SIZE=2, KV_CACHE_DTYPE="fp8", LOAD_FORMAT="runai_streamer")
+    assert parse(build_command(s, "/m"))["pipeline_parallel_size"] == 2
+    assert unmapped(s) == [
+        "KV_CACHE_DTYPE (set kv_cache_config.dtype in an options file of your own)",
+        "LOAD_FORMAT (trtllm-serve loads checkpoints its own way)",
+    ]

@@ -136,3 +136,22 @@ def test_media_domains_are_passed_to_vllm_and_redirects_are_off_by_default():
     assert argv[i + 1 : i + 3] == ["images.example.com", "cdn.example.org"]
     assert engine_env({})["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "0"
     assert engine_env({"VLLM_MEDIA_URL_ALLOW_REDIRECTS": "1"})["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "1"
+
+
+def test_profile_settings_pass_their_flags_and_vllms_parser_takes_them():
+    """PIPELINE_PARALLEL_SIZE, KV_CACHE_DTYPE and LOAD_FORMAT (model profiles, issue 16)."""
+    pytest.importorskip("vllm", reason="vllm is installed by `make venv`")
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    s = settings(PIPELINE_PARALLEL_SIZE=2, KV_CACHE_DTYPE="fp8", LOAD_FORMAT="runai_streamer")
+    argv = build_command(s, "/m")
+    assert " ".join(argv[3:]).endswith(
+        "--pipeline-parallel-size 2 --kv-cache-dtype fp8 --load-format runai_streamer"
+    )
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(flags(argv))
+    assert (args.pipeline_parallel_size, args.kv_cache_dtype, args.load_format) == (
+        2,
+        "fp8",
+        "runai_streamer",
+    )
