@@ -205,18 +205,28 @@ class Accounting:
     def __init__(self, usage: Usage, admission: Admission) -> None:
         self.usage = usage
         self.admission = admission
+        self._children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
 
     def finished(self, rec: RequestRecord, status: int) -> None:
         route = rec.route
         if rec.key is None or route is None or route.kind != ENGINE:
             return
         prompt, completion = rec.prompt_tokens or 0, rec.completion_tokens or 0
-        metrics.KEY_REQUESTS.labels(rec.key, status).inc()
+        children = self._children.get((rec.key, status))
+        if children is None:  # looked up once per key and status: the hot path only adds
+            children = self._children[(rec.key, status)] = (
+                metrics.KEY_REQUESTS.labels(rec.key, status),
+                metrics.KEY_PROMPT_TOKENS.labels(rec.key),
+                metrics.KEY_COMPLETION_TOKENS.labels(rec.key),
+            )
+        requests, prompt_tokens, completion_tokens = children
+        requests.inc()
         if prompt:
-            metrics.KEY_PROMPT_TOKENS.labels(rec.key).inc(prompt)
+            prompt_tokens.inc(prompt)
         if completion:
-            metrics.KEY_COMPLETION_TOKENS.labels(rec.key).inc(completion)
-        self.admission.charge(rec.key, prompt + completion)
+            completion_tokens.inc(completion)
+        if prompt or completion:
+            self.admission.charge(rec.key, prompt + completion)
         self.usage.record(rec.key, status, prompt, completion, rec.rejected is not None and status == 429)
 
 
