@@ -17,6 +17,7 @@ from inproc import InProcessProxy
 pytestmark = pytest.mark.integration
 
 MODEL = "tiny-text"
+TOKENS = 48  # per request: long enough that 12 sent at once find the 2 slots and 2 places taken
 KEYS = """\
 - name: team
   key: sk-team
@@ -51,7 +52,7 @@ def test_n_requests_m_served_the_rest_429_and_usage_holds_the_engines_tokens(tex
 
         def one(i: int) -> None:
             start.wait()
-            kwargs = {"model": MODEL, "max_tokens": 96, "extra_body": {"ignore_eos": True}}
+            kwargs = {"model": MODEL, "max_tokens": TOKENS, "extra_body": {"ignore_eos": True}}
             try:
                 if i % 3 == 0:  # a stream whose client does not ask for usage: counted all the same
                     chunks = list(
@@ -125,7 +126,7 @@ def test_n_requests_m_served_the_rest_429_and_usage_holds_the_engines_tokens(tex
     )
     generated = text_stack.engine_metric("vllm:generation_tokens_total") - generated_before
     prompted = text_stack.engine_metric("vllm:prompt_tokens_total") - prompt_before
-    assert row["completion_tokens"] == served * 96 == generated - first.usage.completion_tokens
+    assert row["completion_tokens"] == served * TOKENS == generated - first.usage.completion_tokens
     assert row["prompt_tokens"] == prompted - first.usage.prompt_tokens
     reported = [r for r in results.values() if r[0] == "usage"]
-    assert sum(r[2] for r in reported) == 96 * len(reported)
+    assert sum(r[2] for r in reported) == TOKENS * len(reported)
