@@ -271,6 +271,6 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             allow_origins=origins,
             allow_methods=["*"],
             allow_headers=["*"],
-            expose_headers=["x-request-id"],
+            expose_headers=["x-request-id", *usage.RATE_HEADERS],
         )
     return app

@@ -43,6 +43,15 @@ ROLLUP_AFTER_S = 8 * 86400
 ROLLUP_EVERY_S = 3600.0
 WINDOWS: dict[str, int | None] = {"1h": 3600, "1d": 86400, "1w": 7 * 86400, "all": None}
 COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "errors", "rate_limited")
+RATE_HEADERS = (
+    "retry-after",
+    *(
+        f"x-ratelimit-{what}-{kind}"
+        for what in ("limit", "remaining", "reset")
+        for kind in ("requests", "tokens")
+    ),
+)
+"""What a browser on another origin may read of a 429 (CORS_ALLOW_ORIGINS)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (

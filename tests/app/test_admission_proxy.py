@@ -60,9 +60,9 @@ def keys_file(tmp_path) -> Path:
 
 
 def post(
-    url: str, key: str | None, rid: str, fake_mode: str = "echo", model: str = "m", **kw
+    url: str, key: str | None, rid: str, fake_mode: str = "echo", model: str = "m", headers=None, **kw
 ) -> httpx.Response:
-    headers = {"x-request-id": rid, "x-fake": fake_mode}
+    headers = {"x-request-id": rid, "x-fake": fake_mode, **(headers or {})}
     if key is not None:
         headers["authorization"] = f"Bearer {key}"
     return httpx.post(url + "/v1/chat/completions", json={"model": model}, headers=headers, timeout=60, **kw)
@@ -391,3 +391,17 @@ def test_keys_reload_when_the_file_changes_while_requests_keep_coming(fake, tmp_
         assert set(codes[:switch]) == {before} and set(codes[switch:]) == {after}, (key, codes)
     assert len(lines) == sum(sent.values())
     assert len({line["request_id"] for line in lines}) == len(lines)
+
+
+def test_a_browser_on_an_allowed_origin_may_read_retry_after_and_the_rate_limit_headers(fake, keys_file):
+    with InProcessProxy(fake.url, API_KEY_FILE=str(keys_file), CORS_ALLOW_ORIGINS="https://app.example") as p:
+        for i in range(3):
+            r = post(p.url, "sk-slow", f"cors-{i}", headers={"origin": "https://app.example"})
+    assert r.status_code == 429
+    exposed = {h.strip() for h in r.headers["access-control-expose-headers"].split(",")}
+    assert {
+        "retry-after",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-tokens",
+        "x-request-id",
+    } <= exposed
