@@ -73,6 +73,8 @@ ENV DEVICE=cpu \
     HF_HOME=/data/huggingface \
     METRICS_DB_PATH=/data/metrics/metrics.db \
     BATCH_DIR=/data/batch
+# Usage per API key (app/usage.py), on the volume so it survives restarts.
+ENV USAGE_DB_PATH=/data/usage/usage.db
 
 USER 10001
 VOLUME ["/data"]
@@ -94,6 +96,8 @@ ENV PYTHONUNBUFFERED=1 \
     HF_HOME=/data/huggingface \
     METRICS_DB_PATH=/data/metrics/metrics.db \
     BATCH_DIR=/data/batch
+# Usage per API key (app/usage.py), on the volume so it survives restarts.
+ENV USAGE_DB_PATH=/data/usage/usage.db
 WORKDIR /app
 
 COPY requirements.txt ./

@@ -131,12 +131,23 @@ class Launcher:
             self.signal_name = name
             self.stop.set()
 
+    def _on_hangup(self) -> None:
+        """SIGHUP: the app reloads its API keys (API_KEY_FILE); nothing else changes, nothing is
+        dropped."""
+        log.info("signal received: reloading API keys", signal="SIGHUP")
+        for reload in self.runtime.reloaders:
+            try:
+                reload()
+            except Exception:  # a reload must never take the server down
+                log.exception("reload failed")
+
     # --- the whole life -----------------------------------------------------------------------
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
         try:
             return await self._run()
         finally:

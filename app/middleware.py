@@ -11,6 +11,7 @@ import itertools
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,15 @@ class RequestRecord:
     """A line of a batch (Batch API): the batch's id."""
     route: Route | None = None
     """The path's entry in the route table (app/routes.py); None: unknown or refused."""
+    # --- admission control and API keys (app/admission.py, app/keys.py) ---
+    key: str | None = None
+    """The name of the API key the request was made with (never the secret); None: no valid key."""
+    queued_s: float | None = None
+    """Time waited in the proxy's queue (MAX_CONCURRENT_REQUESTS set); 0: went in at once."""
+    rejected: str | None = None
+    """Refused by admission control or a key's limits: the reason (app/admission.py)."""
+    response_headers: list[tuple[bytes, bytes]] | None = None
+    """Added to the engine's response: a key's x-ratelimit-* headers."""
 
     @property
     def id_header(self) -> tuple[bytes, bytes]:
@@ -86,6 +96,8 @@ class RequestRecord:
             "modalities": self.modalities,
             "client": self.client,
             "error": _cut(self.error, MAX_LOGGED_ERROR),
+            "key": self.key,
+            "queued_ms": None if self.queued_s is None else round(self.queued_s * 1000, 2),
             **({"prompt": self.prompt} if self.prompt is not None else {}),
             **({"batch_id": self.batch_id} if self.batch_id is not None else {}),
         }
@@ -116,9 +128,13 @@ class RequestContextMiddleware:
     itself (the pass-through sends up to one message per streamed token: wrapping `send` would cost
     a call each)."""
 
-    def __init__(self, app: Any, runtime: Runtime) -> None:
+    def __init__(
+        self, app: Any, runtime: Runtime, on_finished: Callable[[RequestRecord, int], None] | None = None
+    ) -> None:
         self.app = app
         self.runtime = runtime
+        self.on_finished = on_finished
+        """Called with each counted request's record and final status (app/usage.py: usage per key)."""
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -167,6 +183,11 @@ class RequestContextMiddleware:
                 self.runtime.request_finished()
                 metrics.IN_FLIGHT.dec()
                 observe(rec, duration)
+                if self.on_finished is not None:
+                    try:
+                        self.on_finished(rec, 499 if rec.disconnected else rec.status)
+                    except Exception:  # accounting must never cost the request its log line
+                        _log.exception("request accounting failed", path=rec.path)
                 logs.request_line(rec.fields(duration))
             else:
                 _log.debug("request", **rec.fields(duration))

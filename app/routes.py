@@ -41,6 +41,8 @@ OPEN = "open"
 API_KEY = "api"
 METRICS_KEY = "metrics"
 ADMIN_KEY = "admin"
+KEY_OR_ADMIN = "key_or_admin"
+"""An API key (when keys are set) or ADMIN_API_KEY: `/v1/usage`, where each key sees its own."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,9 @@ TABLE: tuple[Route, ...] = (
     _local("/api/v1/historical_metrics", METRICS_KEY, quiet=True),
     _local("/api/v1/historical_metrics/{metric_name}", METRICS_KEY, quiet=True),
     _refused("/favicon.ico", quiet=True),
+    # --- usage per API key (app/usage.py) ------------------------------------------------------
+    _local("/v1/usage", KEY_OR_ADMIN),
+    _local("/api/v1/key_usage", METRICS_KEY, quiet=True),
     # --- the OpenAI Batch API, answered by the proxy (app/batch/api.py) ------------------------
     _batch("/v1/files"),
     _batch("/v1/files/{file_id}"),

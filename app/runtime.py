@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,8 @@ class Runtime:
     inflight: int = 0
     grace: bool = False
     """Draining, but still serving new requests (DRAIN_GRACE_SECONDS) until routers notice."""
+    reloaders: list[Callable[[], Any]] = field(default_factory=list)
+    """Called on SIGHUP (the launcher): the app's API keys reload from API_KEY_FILE."""
     _idle: asyncio.Event | None = None
 
     def set_phase(self, phase: Phase, detail: str | None = None) -> None:

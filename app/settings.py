@@ -129,7 +129,10 @@ class Settings(BaseSettings):
         "need `Authorization: Bearer <key>`; `/health` and `/ping` stay open. Never logged.",
     )
     API_KEY_FILE: Path | None = Field(
-        None, description="A file of API keys, one per line (`#` comments), added to API_KEY's."
+        None,
+        description="A file of API keys, added to API_KEY's: one per line (`#` comments), or a YAML or "
+        "JSON list of keys with a `name` and optional limits (`max_parallel_requests`, `rpm`, `tpm`, "
+        "`models`, `expires`; see README). Read again on SIGHUP and when it changes.",
     )
     ADMIN_API_KEY: SecretStr | None = Field(
         None,
@@ -460,6 +463,43 @@ class Settings(BaseSettings):
         if v is not None and not v.is_file():
             raise ValueError(f"PROFILES_FILE {v} is not a readable file")
         return v
+
+    # --- Admission control and usage per API key (app/admission.py, app/keys.py, app/usage.py) --
+    MAX_CONCURRENT_REQUESTS: int | None = Field(
+        None,
+        ge=1,
+        description="Most requests in flight to the engine at once (POSTs to its API routes); past it "
+        "requests wait in the proxy's queue, fair across API keys. Unset: no limit (off). Sizing: see "
+        "README (Admission control).",
+    )
+    MAX_QUEUED_REQUESTS: int | None = Field(
+        None,
+        ge=0,
+        description="MAX_CONCURRENT_REQUESTS: most requests waiting in the proxy's queue; past it `429` "
+        "with Retry-After. 0: no queue. Unset: as many as MAX_CONCURRENT_REQUESTS.",
+    )
+    QUEUE_TIMEOUT: float = Field(
+        30,
+        gt=0,
+        description="MAX_CONCURRENT_REQUESTS: seconds a request may wait in the proxy's queue before it "
+        "gets `429` with Retry-After.",
+    )
+    USAGE_DB_PATH: Path = Field(
+        Path("data/usage.db"),
+        description="SQLite file of the usage per API key (`GET /v1/usage`; relative: from the app's "
+        "directory; the images use /data/usage/usage.db, on their volume). Several processes may "
+        "share it.",
+    )
+
+    @model_validator(mode="after")
+    def _admission_and_key_checks(self) -> Settings:
+        if self.MAX_QUEUED_REQUESTS is not None and self.MAX_CONCURRENT_REQUESTS is None:
+            raise ValueError("MAX_QUEUED_REQUESTS needs MAX_CONCURRENT_REQUESTS (the queue is for its slots)")
+        if self.API_KEY_FILE is not None:
+            from app.keys import read_key_file
+
+            read_key_file(self.API_KEY_FILE)  # a key file that cannot be used stops the start (exit 2)
+        return self
 
 
 def load_settings() -> Settings | None:
