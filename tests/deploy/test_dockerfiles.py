@@ -151,3 +151,17 @@ def test_the_cpu_target_and_make_venv_run_the_same_install_script():
     assert "scripts/install-cpu-engine.sh $(PY)" in makefile
     assert "pip install" not in makefile  # no second copy of the steps
     assert any("scripts/tiny_models.py" in r for r in cpu_runs)
+
+
+def test_the_cpu_image_bakes_the_real_default_model_with_the_pins_the_tests_use():
+    cpu = stages(DOCKERFILE)["cpu"]
+    bake = next(rest for word, rest in cpu if word == "RUN" and "scripts/real_model.py /opt/models" in rest)
+    env = env_of(cpu)
+    assert (env["MODEL_NAME"], env["SERVED_MODEL_NAME"]) == ("/opt/models/smollm2", "smollm2")
+    # The conversion's packages are requirements-dev.txt's pins, installed for that step only.
+    dev = dict(
+        line.split("==") for line in (ROOT / "requirements-dev.txt").read_text().splitlines() if "==" in line
+    )
+    for package in ("gguf", "accelerate"):
+        assert f"{package}=={dev[package]}" in bake, package
+    assert "pip uninstall -y -q gguf accelerate" in bake and "rm -rf /tmp/smollm2-downloads" in bake
