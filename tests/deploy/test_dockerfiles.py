@@ -220,3 +220,17 @@ def test_the_vllm_image_lists_its_vllm_s_flags_where_the_launcher_reads_them():
     listed = re.search(r"app\.engines\.vllm_flags (\S+)", steps[run_at][1]).group(1)
     assert steps.index(("COPY", "app/ app/")) < run_at
     assert env_of(steps)["ENGINE_FLAGS_FILE"] == listed
+
+
+def test_the_cpu_image_bakes_the_real_default_model_with_the_pins_the_tests_use():
+    cpu = stages(DOCKERFILE)["cpu"]
+    bake = next(rest for word, rest in cpu if word == "RUN" and "scripts/real_model.py /opt/models" in rest)
+    env = env_of(cpu)
+    assert (env["MODEL_NAME"], env["SERVED_MODEL_NAME"]) == ("/opt/models/smollm2", "smollm2")
+    # The conversion's packages are requirements-dev.txt's pins, installed for that step only.
+    dev = dict(
+        line.split("==") for line in (ROOT / "requirements-dev.txt").read_text().splitlines() if "==" in line
+    )
+    for package in ("gguf", "accelerate"):
+        assert f"{package}=={dev[package]}" in bake, package
+    assert "pip uninstall -y -q gguf accelerate" in bake and "rm -rf /tmp/smollm2-downloads" in bake
