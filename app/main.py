@@ -24,10 +24,11 @@ from app import __version__, dashboard, metrics
 from app.batch import BatchService
 from app.engines import engine_for
 from app.errors import send_error
+from app.lora.service import LoraService
 from app.middleware import RECORD_KEY, RequestContextMiddleware, RequestRecord
 from app.proxy.handler import ProxyHandler
 from app.proxy.upstream import Upstream, UpstreamError
-from app.routes import ANSWERED, API_KEY, BAD_PATH, BATCH, OPEN, PROXIED
+from app.routes import ADMIN_KEY, ANSWERED, API_KEY, BAD_PATH, BATCH, OPEN, PROXIED
 from app.runtime import Phase, Runtime
 from app.security import (
     SEVERAL_AUTHORIZATION,
@@ -50,13 +51,20 @@ class Dispatcher:
     never to the engine."""
 
     def __init__(
-        self, local: Any, proxy: Any, keys: list[bytes], metrics_key: bytes | None, batch: Any
+        self,
+        local: Any,
+        proxy: Any,
+        keys: list[bytes],
+        metrics_key: bytes | None,
+        batch: Any,
+        admin_key: bytes | None = None,
     ) -> None:
         self.local = local
         self.proxy = proxy
         self.keys = keys
         self.metrics_key = metrics_key
         self.batch = batch
+        self.admin_key = admin_key
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -74,6 +82,19 @@ class Dispatcher:
             auth, several = authorization(scope["headers"])
             if several:
                 await send_error(send, 400, SEVERAL_AUTHORIZATION, code="invalid_authorization")
+                return
+            if route.auth == ADMIN_KEY:  # the proxy's own admin routes (LoRA): 403, as the engine's
+                if self.admin_key is None or not matches(bearer(auth), (self.admin_key,)):
+                    rec.error = "admin route refused"
+                    await send_error(
+                        send,
+                        403,
+                        f"{route.path} is an admin route: it needs `Authorization: Bearer <ADMIN_API_KEY>`"
+                        + ("." if self.admin_key else ", and ADMIN_API_KEY is not set on this server."),
+                        code="admin_route",
+                    )
+                    return
+                await self.local(scope, receive, send)
                 return
             keys = self.keys if route.auth == API_KEY else [self.metrics_key] if self.metrics_key else []
             if keys and not matches(bearer(auth), keys):
@@ -227,7 +248,14 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     dashboard.register(api, settings, runtime, engine, proxy)
     batch = BatchService(settings, runtime, keys)
     batch.register(api)  # the batch store and runner live in the app's lifespan
-    app: Any = RequestContextMiddleware(Dispatcher(api, proxy, keys, metrics_key, batch), runtime)
+    # LoRA adapters (app/lora/): admin routes, GET /v1/lora_adapters, what the engine serves.
+    lora = LoraService(settings, runtime, proxy)
+    lora.register(api)
+    proxy.models = lora
+    admin_key = settings.ADMIN_API_KEY.get_secret_value().encode() if settings.ADMIN_API_KEY else None
+    app: Any = RequestContextMiddleware(
+        Dispatcher(api, proxy, keys, metrics_key, batch, admin_key=admin_key), runtime, models=lora
+    )
     batch.pipeline = app  # batch lines take the live requests' path: log line, metrics, keys, proxy
     origins = [o.strip() for o in settings.CORS_ALLOW_ORIGINS.split(",") if o.strip()]
     if origins:  # off by default; the engine's own CORS headers are always dropped by the proxy

@@ -62,6 +62,8 @@ class RequestRecord:
     """A line of a batch (Batch API): the batch's id."""
     route: Route | None = None
     """The path's entry in the route table (app/routes.py); None: unknown or refused."""
+    adapter: str | None = None
+    """The LoRA adapter the request names (app/lora/service.py); None for the base model."""
 
     @property
     def id_header(self) -> tuple[bytes, bytes]:
@@ -84,6 +86,7 @@ class RequestRecord:
             "completion_tokens": self.completion_tokens,
             "tokens_per_second": tps,
             "modalities": self.modalities,
+            "adapter": _cut(self.adapter, MAX_LOGGED_MODEL),
             "client": self.client,
             "error": _cut(self.error, MAX_LOGGED_ERROR),
             **({"prompt": self.prompt} if self.prompt is not None else {}),
@@ -116,9 +119,12 @@ class RequestContextMiddleware:
     itself (the pass-through sends up to one message per streamed token: wrapping `send` would cost
     a call each)."""
 
-    def __init__(self, app: Any, runtime: Runtime) -> None:
+    def __init__(self, app: Any, runtime: Runtime, models: Any = None) -> None:
         self.app = app
         self.runtime = runtime
+        self.models = models
+        """What the engine serves (app/lora/service.py): the metric `model` label's values, and
+        the per-adapter counters."""
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -166,7 +172,10 @@ class RequestContextMiddleware:
             if not quiet:
                 self.runtime.request_finished()
                 metrics.IN_FLIGHT.dec()
-                observe(rec, duration)
+                models = self.models
+                observe(rec, duration, models.served if models is not None else None)
+                if rec.adapter is not None and models is not None:
+                    models.record(rec, duration)
                 logs.request_line(rec.fields(duration))
             else:
                 _log.debug("request", **rec.fields(duration))
@@ -203,10 +212,19 @@ def _series(route: str, model: str, status: int) -> tuple[Any, ...]:
     return found
 
 
-def observe(rec: RequestRecord, duration: float) -> None:
+def observe(rec: RequestRecord, duration: float, served: frozenset[str] | None = None) -> None:
+    """`served`: every name the engine serves (base model and LoRA adapters, app/lora/service.py),
+    when known: then the `model` label is the served name the request used, whatever its status
+    (errors per adapter); any other name is "". Unknown: only a request the engine accepted names a
+    model label. Either way clients cannot mint label values."""
     status = 499 if rec.disconnected else rec.status
-    # Only a request the engine accepted names a model label: clients cannot mint label values.
-    model = rec.model if (rec.model and 200 <= status < 400 and len(rec.model) <= MAX_LOGGED_MODEL) else ""
+    if served is not None:
+        name = rec.adapter or rec.model
+        model = name if name in served else ""
+    else:
+        model = (
+            rec.model if (rec.model and 200 <= status < 400 and len(rec.model) <= MAX_LOGGED_MODEL) else ""
+        )
     requests, latency, ttft, prompt, completion, tps = _series(route_label(rec.route), model, status)
     requests.inc()
     latency.observe(duration)

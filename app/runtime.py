@@ -30,6 +30,8 @@ class Runtime:
     inflight: int = 0
     grace: bool = False
     """Draining, but still serving new requests (DRAIN_GRACE_SECONDS) until routers notice."""
+    lora: Any = None
+    """The LoRA start plan (app/lora/config.py), set by the launcher before the engine starts."""
     _idle: asyncio.Event | None = None
 
     def set_phase(self, phase: Phase, detail: str | None = None) -> None:
