@@ -278,7 +278,9 @@ class LoraService:
         entry = self.adapters.get(name)
         if entry is not None:
             return not entry.unloaded and entry.origin in (CONFIG, DIR) and entry.path is not None
-        return self._dir_folder(name) is not None
+        folder = self._dir_folder(name)
+        # A folder that failed its check is tried again only once it changed (no log per request).
+        return folder is not None and self._refused.get(name, ()) != folder_signature(folder)
 
     async def ensure_loaded(self, name: str) -> None:
         """Load a known adapter (or a new LORA_DIR folder) once, however many requests wait."""
@@ -300,6 +302,8 @@ class LoraService:
             info = await asyncio.to_thread(check_folder, entry.path, name, self.max_rank)
         except LoraError as exc:
             log.warning("lora adapter not loaded", adapter=name, error=str(exc))
+            if entry.origin == DIR:
+                self._refused[name] = folder_signature(Path(entry.path))
             return False
         entry.rank, entry.base_model = info.rank, info.base_model
         status, _, body = await self._engine_post(
