@@ -83,7 +83,7 @@ class Dispatcher:
             if several:
                 await send_error(send, 400, SEVERAL_AUTHORIZATION, code="invalid_authorization")
                 return
-            if route.auth == ADMIN_KEY:  # the proxy's own admin routes (LoRA): 403, as the engine's
+            if route.auth == ADMIN_KEY:  # the proxy's own admin routes (LoRA): 403, like the proxied ones
                 if self.admin_key is None or not matches(bearer(auth), (self.admin_key,)):
                     rec.error = "admin route refused"
                     await send_error(
