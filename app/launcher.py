@@ -191,6 +191,10 @@ class Launcher:
             return await self._supervise()
 
         self._use_cache_dirs()
+        # LoRA adapters (app/lora/) are checked before the model is fetched: a bad one fails in
+        # seconds, not after a download and an engine start.
+        if await self._lora_plan() is None:
+            return 1 if not self.stop.is_set() else 0
         self.runtime.detail = "preflight"
         checking = asyncio.ensure_future(self._preflight(report))
         if await _first(checking, self.stop.wait()) is not checking:
@@ -233,7 +237,8 @@ class Launcher:
         """Start the engine with the current settings (again, after a failure worth a retry)."""
         s = self.settings
         assert self.model_path is not None
-        argv = self.engine.build_command(s, self.model_path)
+        lora = self.runtime.lora
+        argv = self.engine.build_command(s, self.model_path, lora=lora)
         if not self._prepare_engine(argv):
             return False
         self.runtime.engine_command = mask_secrets(argv)
@@ -241,7 +246,7 @@ class Launcher:
         self.runtime.detail = "engine loading"
         self.proc = await asyncio.create_subprocess_exec(
             *argv,
-            env=engine_env(os.environ, usage_stats=s.USAGE_STATS),
+            env={**engine_env(os.environ, usage_stats=s.USAGE_STATS), **lora.engine_env()},
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -254,6 +259,36 @@ class Launcher:
         self.watcher.reset()
         self.pump = asyncio.ensure_future(self._pump(self.proc.stdout))
         return True
+
+    async def _lora_plan(self) -> Any:
+        """The LoRA start plan (app/lora/config.py): every adapter resolved and checked, or None
+        after logging the one sentence that says which adapter is bad (or when stopped)."""
+        from app.lora.adapter import LoraError
+        from app.lora.config import build_plan
+
+        s = self.settings
+        self.runtime.detail = "resolving LoRA adapters"
+        planning = asyncio.ensure_future(asyncio.to_thread(build_plan, s))
+        if await _first(planning, self.stop.wait()) is not planning:
+            log.info("stopped while LoRA adapters were resolved")
+            return None
+        try:
+            plan = planning.result()
+        except LoraError as exc:
+            log.error(str(exc))
+            return None
+        for warning in plan.warnings:
+            log.warning(warning)
+        if plan.enabled:
+            log.info(
+                "lora",
+                adapters={a.name: a.path for a in plan.adapters},
+                at_start=[a.name for a in plan.at_start],
+                max_lora_rank=plan.max_lora_rank,
+                dynamic=plan.dynamic,
+            )
+        self.runtime.lora = plan
+        return plan
 
     def _engine_exit(self) -> asyncio.Future:
         """Completes with the engine's exit code; never, for an engine the launcher did not start."""
@@ -523,7 +558,8 @@ class Launcher:
                     engine=self.engine.name,
                     settings=ignored,
                 )
-        files = self.engine.config_files(s) if self.engine.config_files is not None else {}
+        lora = self.runtime.lora
+        files = self.engine.config_files(s, lora=lora) if self.engine.config_files is not None else {}
         for path, text in files.items():
             try:
                 os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -26,10 +26,11 @@ from app.batch import BatchService
 from app.engines import engine_for
 from app.errors import send_error
 from app.keys import KeyRing
+from app.lora.service import LoraService
 from app.middleware import RECORD_KEY, RequestContextMiddleware, RequestRecord
 from app.proxy.handler import ProxyHandler
 from app.proxy.upstream import Upstream, UpstreamError
-from app.routes import ANSWERED, BAD_PATH, BATCH, KEY_OR_ADMIN, METRICS_KEY, OPEN, PROXIED
+from app.routes import ADMIN_KEY, ANSWERED, BAD_PATH, BATCH, KEY_OR_ADMIN, METRICS_KEY, OPEN, PROXIED
 from app.runtime import Phase, Runtime
 from app.security import (
     SEVERAL_AUTHORIZATION,
@@ -82,6 +83,20 @@ class Dispatcher:
             auth, several = authorization(scope["headers"])
             if several:
                 await send_error(send, 400, SEVERAL_AUTHORIZATION, code="invalid_authorization")
+                return
+            if route.auth == ADMIN_KEY:  # the proxy's own admin routes (LoRA): 403, like the proxied ones
+                if self.admin_key is None or not matches(bearer(auth), (self.admin_key,)):
+                    rec.error = "admin route refused"
+                    await send_error(
+                        send,
+                        403,
+                        f"{route.path} is an admin route: it needs `Authorization: Bearer <ADMIN_API_KEY>`"
+                        + ("." if self.admin_key else ", and ADMIN_API_KEY is not set on this server."),
+                        code="admin_route",
+                    )
+                    return
+                rec.key = keys.ADMIN
+                await self.local(scope, receive, send)
                 return
             if route.auth == METRICS_KEY:
                 refused = self.metrics_key is not None and not matches(bearer(auth), (self.metrics_key,))
@@ -263,8 +278,15 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     usage.register(api, keyring, admission, accounting.usage, tasks=[keyring.watch])
     batch = BatchService(settings, runtime, keyring.secrets())
     batch.register(api)  # the batch store and runner live in the app's lifespan
+    # LoRA adapters (app/lora/): admin routes, GET /v1/lora_adapters, what the engine serves.
+    lora = LoraService(settings, runtime, proxy)
+    lora.register(api)
+    proxy.models = lora
     app: Any = RequestContextMiddleware(
-        Dispatcher(api, proxy, keyring, metrics_key, batch, admin_key), runtime, accounting.finished
+        Dispatcher(api, proxy, keyring, metrics_key, batch, admin_key),
+        runtime,
+        accounting.finished,
+        models=lora,
     )
     batch.pipeline = app  # batch lines take the live requests' path: log line, metrics, keys, proxy
     origins = [o.strip() for o in settings.CORS_ALLOW_ORIGINS.split(",") if o.strip()]

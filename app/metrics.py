@@ -107,6 +107,15 @@ BATCH_IN_FLIGHT = Gauge(
     registry=REGISTRY,
 )
 
+# --- LoRA adapters (app/lora/) ------------------------------------------------------------------
+# Per adapter, the request, token and TTFT families above carry the adapter's name in `model`: only
+# names the engine serves (its /v1/models) become label values (app/middleware.py `observe`).
+LORA_ADAPTERS_LOADED = Gauge(
+    f"{PREFIX}_lora_adapters_loaded",
+    "LoRA adapters the engine serves now (its /v1/models, read after every load and unload).",
+    registry=REGISTRY,
+)
+
 
 # Labelled counters are exported at zero from the start, so "no errors" reads 0 rather than no data.
 for _kind in ("connect", "timeout", "protocol"):

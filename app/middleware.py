@@ -72,6 +72,8 @@ class RequestRecord:
     """Refused by admission control or a key's limits: the reason (app/admission.py)."""
     response_headers: list[tuple[bytes, bytes]] | None = None
     """Added to the engine's response: a key's x-ratelimit-* headers."""
+    adapter: str | None = None
+    """The LoRA adapter the request names (app/lora/service.py); None for the base model."""
 
     @property
     def id_header(self) -> tuple[bytes, bytes]:
@@ -94,6 +96,7 @@ class RequestRecord:
             "completion_tokens": self.completion_tokens,
             "tokens_per_second": tps,
             "modalities": self.modalities,
+            "adapter": _cut(self.adapter, MAX_LOGGED_MODEL),
             "client": self.client,
             "error": _cut(self.error, MAX_LOGGED_ERROR),
             "key": self.key,
@@ -129,12 +132,19 @@ class RequestContextMiddleware:
     a call each)."""
 
     def __init__(
-        self, app: Any, runtime: Runtime, on_finished: Callable[[RequestRecord, int], None] | None = None
+        self,
+        app: Any,
+        runtime: Runtime,
+        on_finished: Callable[[RequestRecord, int], None] | None = None,
+        models: Any = None,
     ) -> None:
         self.app = app
         self.runtime = runtime
         self.on_finished = on_finished
         """Called with each counted request's record and final status (app/usage.py: usage per key)."""
+        self.models = models
+        """What the engine serves (app/lora/service.py): the metric `model` label's values, and
+        the per-adapter counters."""
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -182,7 +192,10 @@ class RequestContextMiddleware:
             if not quiet:
                 self.runtime.request_finished()
                 metrics.IN_FLIGHT.dec()
-                observe(rec, duration)
+                models = self.models
+                observe(rec, duration, models.served if models is not None else None)
+                if rec.adapter is not None and models is not None:
+                    models.record(rec, duration)
                 if self.on_finished is not None:
                     try:
                         self.on_finished(rec, 499 if rec.disconnected else rec.status)
@@ -224,10 +237,19 @@ def _series(route: str, model: str, status: int) -> tuple[Any, ...]:
     return found
 
 
-def observe(rec: RequestRecord, duration: float) -> None:
+def observe(rec: RequestRecord, duration: float, served: frozenset[str] | None = None) -> None:
+    """`served`: every name the engine serves (base model and LoRA adapters, app/lora/service.py),
+    when known: then the `model` label is the served name the request used, whatever its status
+    (errors per adapter); any other name is "". Unknown: only a request the engine accepted names a
+    model label. Either way clients cannot mint label values."""
     status = 499 if rec.disconnected else rec.status
-    # Only a request the engine accepted names a model label: clients cannot mint label values.
-    model = rec.model if (rec.model and 200 <= status < 400 and len(rec.model) <= MAX_LOGGED_MODEL) else ""
+    if served is not None:
+        name = rec.adapter or rec.model
+        model = name if name in served else ""
+    else:
+        model = (
+            rec.model if (rec.model and 200 <= status < 400 and len(rec.model) <= MAX_LOGGED_MODEL) else ""
+        )
     requests, latency, ttft, prompt, completion, tps = _series(route_label(rec.route), model, status)
     requests.inc()
     latency.observe(duration)

@@ -91,6 +91,12 @@ TABLE: tuple[Route, ...] = (
     # --- usage per API key (app/usage.py) ------------------------------------------------------
     _local("/v1/usage", KEY_OR_ADMIN),
     _local("/api/v1/key_usage", METRICS_KEY, quiet=True),
+    # --- LoRA adapters, answered by the proxy (app/lora/service.py) ----------------------------
+    _local("/v1/lora_adapters", API_KEY),
+    # vLLM's own routes, checked by the proxy (the adapter folder, its rank) before the engine
+    # gets them, and recorded: the admin key, as for every admin route.
+    _local("/v1/load_lora_adapter", ADMIN_KEY),
+    _local("/v1/unload_lora_adapter", ADMIN_KEY),
     # --- the OpenAI Batch API, answered by the proxy (app/batch/api.py) ------------------------
     _batch("/v1/files"),
     _batch("/v1/files/{file_id}"),
@@ -141,8 +147,6 @@ TABLE: tuple[Route, ...] = (
     _engine("/openapi.json"),
     _engine("/static/{path:path}"),  # --enable-offline-docs: the docs page's assets
     # --- vLLM's routes that change or expose the server --------------------------------------
-    _admin("/v1/load_lora_adapter"),
-    _admin("/v1/unload_lora_adapter"),
     _admin("/adapters"),  # the same, SageMaker's way (runtime LoRA updating)
     _admin("/adapters/{adapter_name}"),
     _admin("/invocations"),  # SageMaker: any request type, and LoRA adapters by header

@@ -39,6 +39,8 @@ class Runtime:
     """Draining, but still serving new requests (DRAIN_GRACE_SECONDS) until routers notice."""
     reloaders: list[Callable[[], Any]] = field(default_factory=list)
     """Called on SIGHUP (the launcher): the app's API keys reload from API_KEY_FILE."""
+    lora: Any = None
+    """The LoRA start plan (app/lora/config.py), set by the launcher before the engine starts."""
     _idle: asyncio.Event | None = None
 
     def set_phase(self, phase: Phase, detail: str | None = None) -> None:

@@ -501,6 +501,87 @@ class Settings(BaseSettings):
             read_key_file(self.API_KEY_FILE)  # a key file that cannot be used stops the start (exit 2)
         return self
 
+    # --- LoRA adapters (issue 15: app/lora/) ----------------------------------------------------
+    LORA_MODULES: str = Field(
+        "",
+        description="LoRA adapters loaded at start: `name=path` pairs, comma-separated, or a JSON list of "
+        '`{"name", "path", "base_model_name"}` as vLLM\'s `--lora-modules` takes. A path is a local '
+        "folder, a Hugging Face id (`org/repo` or `org/repo@revision`, downloaded like the model, with "
+        "HF_TOKEN) or `s3://bucket/prefix`. Any adapter named turns LoRA on.",
+    )
+    LORA_CONFIG: Path | None = Field(
+        None,
+        description="A YAML file in vllm_mxext's shape (`base_model`, `lora_adapters` with name, path, "
+        "description; `lora_settings`: max_lora_rank, max_loras, enable_dynamic_loading, cache_size; "
+        "`auto_load`): adapters in auto_load are loaded at start, the others on first use. The settings "
+        "here win over its lora_settings.",
+    )
+    LORA_DIR: Path | None = Field(
+        None,
+        description="A folder whose subfolders are LoRA adapters (name = folder name), all loaded at "
+        "start; with LORA_DYNAMIC, folders added later are loaded too (scanned every LORA_SCAN_INTERVAL "
+        "seconds, and at once when a request names one).",
+    )
+    LORA_DYNAMIC: bool | None = Field(
+        None,
+        description="Runtime LoRA loading and unloading on the engine (`POST /v1/load_lora_adapter`, "
+        "behind ADMIN_API_KEY; vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING). Unset: LORA_CONFIG's "
+        "enable_dynamic_loading, else off. Setting it true alone turns LoRA on.",
+    )
+    MAX_LORAS: int | None = Field(None, ge=1, description="Most LoRA adapters in one batch: `--max-loras`.")
+    MAX_CPU_LORAS: int | None = Field(
+        None,
+        ge=1,
+        description="Most LoRA adapters kept in CPU memory (at least MAX_LORAS): `--max-cpu-loras`.",
+    )
+    MAX_LORA_RANK: int | None = Field(
+        None,
+        description="Largest LoRA rank served (1, 8, 16, 32, 64, 128, 256, 320 or 512): `--max-lora-rank`. "
+        "Unset: the smallest of those that fits every configured adapter (read from its "
+        "adapter_config.json), or vLLM's 16 when none is configured.",
+    )
+    LORA_SCAN_INTERVAL: float = Field(
+        10,
+        gt=0,
+        description="Seconds between two looks at what the engine serves (its `/v1/models`) and, with "
+        "LORA_DIR and LORA_DYNAMIC, at new adapter folders.",
+    )
+
+    @field_validator("LORA_MODULES")
+    @classmethod
+    def _lora_modules(cls, v: str) -> str:
+        from app.lora.adapter import LoraError
+        from app.lora.config import parse_modules
+
+        try:
+            parse_modules(v)
+        except LoraError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @field_validator("MAX_LORA_RANK")
+    @classmethod
+    def _lora_rank(cls, v: int | None) -> int | None:
+        from app.lora.adapter import ALLOWED_RANKS
+
+        if v is not None and v not in ALLOWED_RANKS:
+            raise ValueError(
+                f"MAX_LORA_RANK must be one of {', '.join(map(str, ALLOWED_RANKS))} (vLLM's ranks)"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _lora_checks(self) -> Settings:
+        if self.LORA_CONFIG is not None and not self.LORA_CONFIG.is_file():
+            raise ValueError(f"LORA_CONFIG {self.LORA_CONFIG} is not a readable file")
+        if self.LORA_DIR is not None and not self.LORA_DIR.is_dir():
+            raise ValueError(f"LORA_DIR {self.LORA_DIR} is not a directory")
+        if self.MAX_LORAS and self.MAX_CPU_LORAS and self.MAX_CPU_LORAS < self.MAX_LORAS:
+            raise ValueError(
+                f"MAX_CPU_LORAS ({self.MAX_CPU_LORAS}) must be at least MAX_LORAS ({self.MAX_LORAS})"
+            )
+        return self
+
 
 def load_settings() -> Settings | None:
     """Settings from the environment; on invalid values, one line per problem on stderr and None

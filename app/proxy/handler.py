@@ -244,6 +244,9 @@ class ProxyHandler:
         self._media = media or MediaGuard((), allow_private=False)
         self._log_prompts = log_prompts
         self.upstream: Upstream | None = None  # set in the app's lifespan
+        self.models: Any = None
+        """LoRA adapters (app/lora/service.py): a request naming a model other than the base one
+        is handed to its `prepare` (adapter loaded on first use, `<base>:<adapter>` names)."""
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -340,6 +343,9 @@ class ProxyHandler:
                 body = info.body
                 if info.media_urls:
                     await self._media.check(info.media_urls)
+                models = self.models
+                if models is not None and info.model is not None and info.model != models.base:
+                    body = await models.prepare(info, rec) or body
             elif method in _NO_BODY_METHODS:
                 body = await self._read_body(receive) if length not in (None, b"0") else None
             else:

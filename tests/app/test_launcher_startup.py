@@ -28,8 +28,8 @@ from stack import free_port
 STANDIN = Path(__file__).resolve().parents[1] / "standin_vllm.py"
 
 
-def standin(settings, model_path):
-    return [sys.executable, str(STANDIN), *build_command(settings, model_path)[3:]]
+def standin(settings, model_path, lora=None):
+    return [sys.executable, str(STANDIN), *build_command(settings, model_path, lora=lora)[3:]]
 
 
 def settings(tmp_path: Path, model: str, **env) -> Settings:
