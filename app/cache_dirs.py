@@ -60,9 +60,9 @@ def choose(
     is_writable: Callable[[Path], bool] = writable,
     free: Callable[[Path], int] = free_bytes,
 ) -> CacheDirs:
-    """The two cache roots. An explicit HF_HOME or VLLM_CACHE_ROOT is kept while it can be
-    written (HF_HOME also when read-only with HF_HUB_OFFLINE=1: nothing is downloaded); otherwise
-    DATA_DIR's, then the libraries' own defaults in the home folder."""
+    """The two cache roots. An explicit HF_HOME is always kept (read-only is fine offline; online,
+    app/model.py says why it cannot be used); an explicit VLLM_CACHE_ROOT while it can be
+    written; otherwise DATA_DIR's, then the libraries' own defaults in the home folder."""
     data = settings.DATA_DIR
     out = CacheDirs(None, None)
 
@@ -80,7 +80,10 @@ def choose(
     ):
         chosen: Path | None = None
         if explicit is not None:
-            why = None if (var == "HF_HOME" and settings.HF_HUB_OFFLINE) else problem(explicit)
+            # An HF_HOME the user named is kept even when it cannot be written: falling back would
+            # download onto the container's own disk, unseen; app/model.py refuses it in one
+            # sentence with the fix (RunPod's root-owned volumes) before any download.
+            why = None if var == "HF_HOME" else problem(explicit)
             if why is None:
                 chosen = explicit
             else:

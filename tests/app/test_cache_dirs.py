@@ -50,10 +50,12 @@ def test_explicit_locations_win_and_a_read_only_hf_cache_is_fine_offline(tmp_pat
     )
     assert offline.hf_home == str(mine)  # a baked, read-only cache is read, never written
     online = choose(settings(tmp_path, HF_HOME=str(mine)), is_writable=lambda p: False)
-    assert (
-        online.hf_home is None
-        and online.notes[0][1] == "HF_HOME cannot be used: the library's default cache instead"
-    )
+    # Kept, not swapped for the home folder: the download would land on the container's disk,
+    # unseen. app/model.py refuses it with the fix (tests/integration/test_launcher.py).
+    assert online.hf_home == str(mine) and all(n[2].get("cache") != "HF_HOME" for n in online.notes)
+    vllm = choose(settings(tmp_path, VLLM_CACHE_ROOT=str(mine)), is_writable=lambda p: False)
+    assert vllm.vllm_cache_root is None
+    assert "VLLM_CACHE_ROOT cannot be used: the library's default cache instead" in [n[1] for n in vllm.notes]
 
 
 def test_writable_really_writes(tmp_path):
