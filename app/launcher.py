@@ -21,19 +21,24 @@ import shutil
 import signal
 import sys
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 
-from app import gpu, logs, workers
+from app import cache_dirs, gpu, logs, metrics, preflight, profiles, sources, workers
+from app.engine_failures import FailureWatcher, retry_length
 from app.engines import engine_for, vllm_flags
 from app.engines.base import mask_secrets, split_extra_args
 from app.health_port import health_only
 from app.logs import configure_from, get_logger, use_console
 from app.main import create_app
-from app.model import ModelError, resolve_model
+from app.model import ModelError, looks_like_path, resolve_model
+from app.profiles import sizing
+from app.profiles.hardware import from_report
 from app.proxy.upstream import Upstream, UpstreamError
 from app.runtime import Phase, Runtime
 from app.server import ProxyServer, server_config
 from app.settings import Settings, load_settings
+from app.startup import StartupClock
 
 log = get_logger("app.launcher")
 
@@ -113,6 +118,14 @@ class Launcher:
         self._console = use_console(settings.LOG_FORMAT)
         self._last_level = "info"
         self.signal_name: str | None = None
+        self.user_set = set(settings.model_fields_set)
+        """The settings the user gave (they win over a profile's values)."""
+        self.clock = StartupClock()
+        self.watcher = FailureWatcher()
+        self.model_path: str | None = None
+        self.facts: Any = None
+        self.computed_len: int | None = None
+        self.retried = False
 
     # --- signals ------------------------------------------------------------------------------
 
@@ -126,12 +139,25 @@ class Launcher:
             self.signal_name = name
             self.stop.set()
 
+    def _on_hangup(self) -> None:
+        """SIGHUP: the app reloads its API keys (API_KEY_FILE); nothing else changes, nothing is
+        dropped."""
+        log.info("signal received: reloading API keys", signal="SIGHUP")
+        if self.pool is not None:  # the workers hold the keys
+            self.pool.signal(signal.SIGHUP)
+        for reload in self.runtime.reloaders:
+            try:
+                reload()
+            except Exception:  # a reload must never take the server down
+                log.exception("reload failed")
+
     # --- the whole life -----------------------------------------------------------------------
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
         try:
             return await self._run()
         finally:
@@ -144,7 +170,8 @@ class Launcher:
 
     async def _run(self) -> int:
         s = self.settings
-        report = gpu.probe()
+        with self.clock.phase("gpu_check"):
+            report = gpu.probe()
         self.runtime.gpus = report.as_dict()
         # An external engine has its own GPUs: this container needs none.
         problem = gpu.check_device(s.DEVICE, report) if self.engine.build_command else None
@@ -172,40 +199,66 @@ class Launcher:
         if self.engine.build_command is None:
             log.info("fronting an external engine", url=s.engine_url)
             self.runtime.detail = "waiting for the engine"
+            self.clock.engine_launched()
             return await self._supervise()
 
-        self.runtime.detail = "resolving model"
-        resolving = asyncio.ensure_future(
-            asyncio.to_thread(
-                resolve_model,
-                s.MODEL_NAME,
-                revision=s.MODEL_REVISION,
-                token=s.HF_TOKEN.get_secret_value() if s.HF_TOKEN else None,
-                offline=s.HF_HUB_OFFLINE,
-                endpoint=s.HF_ENDPOINT,
-                baked_cache=str(s.BAKED_MODELS_CACHE) if s.BAKED_MODELS_CACHE else None,
-                settings=s,
-            )
-        )
-        if await _first(resolving, self.stop.wait()) is not resolving:
-            log.info("stopped before the model was ready")
+        self._use_cache_dirs()
+        # LoRA adapters (app/lora/) are checked before the model is fetched: a bad one fails in
+        # seconds, not after a download and an engine start.
+        if await self._lora_plan() is None:
+            return 1 if not self.stop.is_set() else 0
+        self.runtime.detail = "preflight"
+        checking = asyncio.ensure_future(self._preflight(report))
+        if await _first(checking, self.stop.wait()) is not checking:
+            log.info("stopped during the preflight")
             return 0
+        expected = checking.result()
+        if expected is None:
+            return 1
+        s = self.settings  # with the profile's values
+
+        self.runtime.detail = "resolving model"
+        with self.clock.phase("download"):
+            resolving = asyncio.ensure_future(
+                asyncio.to_thread(
+                    resolve_model,
+                    s.MODEL_NAME,
+                    revision=s.MODEL_REVISION,
+                    token=s.HF_TOKEN.get_secret_value() if s.HF_TOKEN else None,
+                    offline=s.HF_HUB_OFFLINE,
+                    endpoint=s.HF_ENDPOINT,
+                    expected_bytes=expected or None,
+                    baked_cache=str(s.BAKED_MODELS_CACHE) if s.BAKED_MODELS_CACHE else None,
+                    settings=s,
+                )
+            )
+            if await _first(resolving, self.stop.wait()) is not resolving:
+                log.info("stopped before the model was ready")
+                return 0
         try:
             model = resolving.result()
         except ModelError as exc:
             log.error(str(exc))
             return 1
-        self.runtime.model_path = model.path
-
-        argv = self.engine.build_command(s, model.path)
-        if not self._prepare_engine(argv):
+        self.runtime.model_path = self.model_path = model.path
+        if not await self._launch():
             return 1
+        return await self._supervise()
+
+    async def _launch(self) -> bool:
+        """Start the engine with the current settings (again, after a failure worth a retry)."""
+        s = self.settings
+        assert self.model_path is not None
+        lora = self.runtime.lora
+        argv = self.engine.build_command(s, self.model_path, lora=lora)
+        if not self._prepare_engine(argv):
+            return False
         self.runtime.engine_command = mask_secrets(argv)
         log.info("starting engine", engine=self.engine.name, command=self.runtime.engine_command)
         self.runtime.detail = "engine loading"
         self.proc = await asyncio.create_subprocess_exec(
             *argv,
-            env=engine_env(os.environ, usage_stats=s.USAGE_STATS),
+            env={**engine_env(os.environ, usage_stats=s.USAGE_STATS), **lora.engine_env()},
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -214,8 +267,40 @@ class Launcher:
             limit=2**20,
         )
         log.info("engine started", pid=self.proc.pid)
+        self.clock.engine_launched()
+        self.watcher.reset()
         self.pump = asyncio.ensure_future(self._pump(self.proc.stdout))
-        return await self._supervise()
+        return True
+
+    async def _lora_plan(self) -> Any:
+        """The LoRA start plan (app/lora/config.py): every adapter resolved and checked, or None
+        after logging the one sentence that says which adapter is bad (or when stopped)."""
+        from app.lora.adapter import LoraError
+        from app.lora.config import build_plan
+
+        s = self.settings
+        self.runtime.detail = "resolving LoRA adapters"
+        planning = asyncio.ensure_future(asyncio.to_thread(build_plan, s))
+        if await _first(planning, self.stop.wait()) is not planning:
+            log.info("stopped while LoRA adapters were resolved")
+            return None
+        try:
+            plan = planning.result()
+        except LoraError as exc:
+            log.error(str(exc))
+            return None
+        for warning in plan.warnings:
+            log.warning(warning)
+        if plan.enabled:
+            log.info(
+                "lora",
+                adapters={a.name: a.path for a in plan.adapters},
+                at_start=[a.name for a in plan.at_start],
+                max_lora_rank=plan.max_lora_rank,
+                dynamic=plan.dynamic,
+            )
+        self.runtime.lora = plan
+        return plan
 
     def _engine_exit(self) -> asyncio.Future:
         """Completes with the engine's exit code; never, for an engine the launcher did not start."""
@@ -232,6 +317,8 @@ class Launcher:
             return 1
         if first is exited:
             log.error("engine exited during start-up", exit_code=exited.result())
+            if await self._retry_start():
+                return await self._supervise()
             return 1
         if first is not ready:
             log.info("stopped while the engine was loading")
@@ -243,6 +330,10 @@ class Launcher:
             )
             return 1
 
+        self.clock.engine_ready()
+        self.runtime.startup = self.clock.as_dict()
+        for phase, seconds in self.runtime.startup.items():
+            metrics.STARTUP_SECONDS.labels(phase).set(seconds)
         self.runtime.engine_version = await self._engine_version()
         # Everything alive now lives as long as the process: keep it out of the collector's full
         # passes, which otherwise rescan ~60k start-up objects every few thousand requests. The
@@ -257,6 +348,7 @@ class Launcher:
             url=f"http://{self.settings.HOST}:{self.settings.PORT}",
             model=self.settings.served_model_name,
             engine_version=self.runtime.engine_version,
+            startup_s=self.runtime.startup,
         )
 
         exited = self._engine_exit()
@@ -301,6 +393,131 @@ class Launcher:
             self.runtime.grace = False
 
     # --- pieces -------------------------------------------------------------------------------
+
+    def _use_cache_dirs(self) -> None:
+        """HF and vLLM caches on DATA_DIR (or where the user said), exported before huggingface_hub
+        is imported and before the engine starts."""
+        dirs = cache_dirs.choose(self.settings)
+        dirs.export(os.environ)
+        for level, message, fields in dirs.notes:
+            getattr(log, level)(message, **fields)
+        self.runtime.caches = dirs.as_dict()
+
+    async def _preflight(self, report: gpu.GpuReport) -> int | None:
+        """The Hub, the disk, the profile and the memory fit, before any download. None (after
+        one error line) when the start cannot succeed; else the bytes still to download (0 when
+        unknown)."""
+        s = self.settings
+        gpus = from_report(report)
+        token = s.HF_TOKEN.get_secret_value() if s.HF_TOKEN else None
+        with self.clock.phase("preflight"):
+            try:
+                if sources.handles(s.MODEL_NAME, s):  # s3:// and ModelScope check their own store
+                    pre = preflight.Preflight(notes=["the Hub checks are skipped: not a Hugging Face model"])
+                else:
+                    pre = await asyncio.to_thread(
+                        preflight.model_facts,
+                        s.MODEL_NAME,
+                        revision=s.MODEL_REVISION,
+                        token=token,
+                        offline=s.HF_HUB_OFFLINE,
+                        endpoint=s.HF_ENDPOINT,
+                    )
+            except preflight.PreflightError as exc:
+                log.error(str(exc))
+                return None
+            for note in pre.notes:
+                log.info("preflight: " + note)
+            expected = 0
+            if pre.hub is not None:
+                from huggingface_hub import constants
+
+                cache = Path(constants.HF_HUB_CACHE)
+                problem = preflight.disk_check(pre.hub, cache)
+                if problem:
+                    log.error(problem)
+                    return None
+                expected = pre.hub.total_bytes - preflight.already_cached(pre.hub, cache)
+            self.facts = pre.facts
+            model_id = (
+                None
+                if (Path(s.MODEL_NAME).expanduser().is_dir() or looks_like_path(s.MODEL_NAME))
+                else s.MODEL_NAME
+            )
+            choice = profiles.choose(s, gpus, pre.facts, self.user_set, model_id=model_id)
+            if choice.error:
+                log.error(choice.error)
+                return None
+            if choice.warning:
+                log.warning(choice.warning)
+            self.settings = choice.settings
+            self.runtime.profile = choice.report
+            self._log_configuration(choice, gpus)
+            fit = preflight.memory_fit(pre.facts, gpus, self.settings, s.MODEL_NAME)
+            if fit is not None:
+                level, message = fit
+                getattr(log, level)(message)
+                if level == "error":
+                    return None
+        return expected
+
+    def _log_configuration(self, choice: profiles.Choice, gpus: Any) -> None:
+        """One record: the configuration chosen, and the arithmetic behind it."""
+        s, facts = self.settings, self.facts
+        chosen = next((c for c in choice.candidates if c.profile == choice.report.get("id")), None)
+        if chosen is None:  # no profile: the computed defaults' judgement, whatever it was
+            chosen = next((c for c in choice.candidates if c.match == "computed"), None)
+        arithmetic = None
+        if facts is not None and chosen is not None and chosen.plan is not None:
+            p = chosen.plan
+            # What an out-of-memory retry may fall back to: the longest context the arithmetic fits.
+            self.computed_len = min(p.fits_tokens, facts.max_model_len) // 256 * 256 or None
+            arithmetic = {
+                "gpus": gpus.label,
+                "weights_gb": round(sizing.weights_bytes(facts, s.DTYPE, s.QUANTIZATION) / 1e9, 2),
+                "weights_from": facts.weights_source,
+                "kv_bytes_per_token": sizing.kv_bytes_per_token(facts, 1, 1, s.KV_CACHE_DTYPE, s.DTYPE),
+                "model_max_len": facts.max_model_len,
+                "chosen": p.arithmetic(),
+                "tried": [t.arithmetic() for t in chosen.tried],
+            }
+        log.info(
+            "engine configuration",
+            profile=choice.report.get("id"),
+            match=choice.report.get("match"),
+            reason=choice.report.get("reason"),
+            applied=choice.report.get("applied"),
+            overridden=choice.report.get("overridden"),
+            arithmetic=arithmetic,
+        )
+
+    async def _retry_start(self) -> bool:
+        """After the engine exited during start-up: say why in one sentence, and start it once more
+        with a shorter context when that is what it needs (AUTO_RETRY)."""
+        if self.pump is not None:  # the last lines may still be in the pipe
+            await asyncio.wait([self.pump], timeout=5)
+        failure = self.watcher.failure
+        if failure is None:
+            return False
+        s = self.settings
+        log.error(failure.message, failure=failure.kind)
+        current = s.MAX_MODEL_LEN or (self.facts.max_model_len if self.facts is not None else None)
+        length = retry_length(failure, current, self.computed_len)
+        if not (s.AUTO_RETRY and failure.retryable and not self.retried and length):
+            return False
+        self.retried = True
+        log.warning(
+            "retrying the engine start with a shorter context",
+            failure=failure.kind,
+            max_model_len=length,
+            was=current,
+        )
+        self.clock.engine_failed()
+        await self._stop_engine()
+        self.settings = s.model_copy(update={"MAX_MODEL_LEN": length})
+        if self.runtime.profile is not None:
+            self.runtime.profile["retry"] = {"failure": failure.kind, "max_model_len": length, "was": current}
+        return await self._launch()
 
     async def _start_server(self) -> bool:
         s = self.settings
@@ -372,7 +589,8 @@ class Launcher:
                     engine=self.engine.name,
                     settings=ignored,
                 )
-        files = self.engine.config_files(s) if self.engine.config_files is not None else {}
+        lora = self.runtime.lora
+        files = self.engine.config_files(s, lora=lora) if self.engine.config_files is not None else {}
         for path, text in files.items():
             try:
                 os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -457,6 +675,9 @@ class Launcher:
             line = raw.decode("utf-8", "replace").rstrip()
             if not line:
                 continue
+            if self.runtime.phase is Phase.STARTING:
+                self.clock.engine_line(line)
+                self.watcher.feed(line)
             if self._console:
                 print(line, flush=True)
                 continue

@@ -20,21 +20,23 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.middleware.cors import CORSMiddleware
 
-from app import __version__, dashboard, metrics
+from app import __version__, dashboard, keys, metrics, usage, workers
+from app.admission import Admission
 from app.batch import BatchService
 from app.engines import engine_for
 from app.errors import send_error
+from app.keys import KeyRing
+from app.lora.service import LoraService
 from app.middleware import RECORD_KEY, RequestContextMiddleware, RequestRecord
 from app.proxy.handler import ProxyHandler
 from app.proxy.upstream import Upstream, UpstreamError
-from app.routes import ANSWERED, API_KEY, BAD_PATH, BATCH, OPEN, PROXIED
+from app.routes import ADMIN_KEY, ANSWERED, BAD_PATH, BATCH, KEY_OR_ADMIN, METRICS_KEY, OPEN, PROXIED
 from app.runtime import Phase, Runtime
 from app.security import (
     SEVERAL_AUTHORIZATION,
     MediaGuard,
     authorization,
     bearer,
-    load_keys,
     mask_url_userinfo,
     matches,
 )
@@ -50,13 +52,20 @@ class Dispatcher:
     never to the engine."""
 
     def __init__(
-        self, local: Any, proxy: Any, keys: list[bytes], metrics_key: bytes | None, batch: Any
+        self,
+        local: Any,
+        proxy: Any,
+        keyring: KeyRing,
+        metrics_key: bytes | None,
+        batch: Any,
+        admin_key: bytes | None = None,
     ) -> None:
         self.local = local
         self.proxy = proxy
-        self.keys = keys
+        self.keyring = keyring
         self.metrics_key = metrics_key
         self.batch = batch
+        self.admin_key = admin_key
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -75,9 +84,27 @@ class Dispatcher:
             if several:
                 await send_error(send, 400, SEVERAL_AUTHORIZATION, code="invalid_authorization")
                 return
-            keys = self.keys if route.auth == API_KEY else [self.metrics_key] if self.metrics_key else []
-            if keys and not matches(bearer(auth), keys):
-                which = "API key" if route.auth == API_KEY else "METRICS_API_KEY"
+            if route.auth == ADMIN_KEY:  # the proxy's own admin routes (LoRA): 403, like the proxied ones
+                if self.admin_key is None or not matches(bearer(auth), (self.admin_key,)):
+                    rec.error = "admin route refused"
+                    await send_error(
+                        send,
+                        403,
+                        f"{route.path} is an admin route: it needs `Authorization: Bearer <ADMIN_API_KEY>`"
+                        + ("." if self.admin_key else ", and ADMIN_API_KEY is not set on this server."),
+                        code="admin_route",
+                    )
+                    return
+                rec.key = keys.ADMIN
+                await self.local(scope, receive, send)
+                return
+            if route.auth == METRICS_KEY:
+                refused = self.metrics_key is not None and not matches(bearer(auth), (self.metrics_key,))
+                which = "METRICS_API_KEY"
+            else:  # API_KEY, KEY_OR_ADMIN: the caller's name is the request's `key`
+                rec.key = self.caller(bearer(auth), route.auth)
+                refused, which = rec.key is None, "API key"
+            if refused:
                 await send_error(
                     send,
                     401,
@@ -87,6 +114,15 @@ class Dispatcher:
                 )
                 return
         await (self.batch if route.kind == BATCH else self.local)(scope, receive, send)
+
+    def caller(self, token: bytes | None, auth: str) -> str | None:
+        """The name of the key a local route is called with; None: refused."""
+        if auth == KEY_OR_ADMIN and self.admin_key is not None and matches(token, (self.admin_key,)):
+            return keys.ADMIN
+        if not self.keyring.active:
+            return keys.ANONYMOUS
+        entry = self.keyring.identify(token)
+        return entry.name if entry is not None and not entry.expired() else None
 
 
 async def refuse_path(path: str, rec: RequestRecord, send: Any) -> None:
@@ -111,12 +147,28 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         runtime = Runtime()
         runtime.set_phase(Phase.READY)
     engine = engine_for(settings)
-    keys = load_keys(settings.API_KEY.get_secret_value() if settings.API_KEY else None, settings.API_KEY_FILE)
+    # API keys, admission control and usage per key (app/keys.py, app/admission.py, app/usage.py)
+    keyring = KeyRing(
+        settings.API_KEY.get_secret_value() if settings.API_KEY else None, settings.API_KEY_FILE
+    )
+    runtime.reloaders.append(keyring.reload)  # SIGHUP (the launcher)
+    # With several proxy processes each enforces its share of every limit (app/admission.py).
+    worker = workers.current()
+    admission = Admission(
+        settings.MAX_CONCURRENT_REQUESTS,
+        settings.MAX_QUEUED_REQUESTS,
+        settings.QUEUE_TIMEOUT,
+        share=worker[1] if worker else 1,
+    )
+    accounting = usage.Accounting(usage.open_usage(settings), admission)
+    admin_key = settings.ADMIN_API_KEY.get_secret_value().encode() if settings.ADMIN_API_KEY else None
     proxy = ProxyHandler(
         runtime=runtime,
         max_request_bytes=settings.MAX_REQUEST_BYTES,
-        api_keys=keys,
-        admin_key=settings.ADMIN_API_KEY.get_secret_value().encode() if settings.ADMIN_API_KEY else None,
+        keyring=keyring,
+        admission=admission,
+        default_model=settings.served_model_name,
+        admin_key=admin_key,
         media=MediaGuard(settings.media_domains, allow_private=settings.ALLOW_PRIVATE_MEDIA_URLS),
         sse_keepalive=settings.SSE_KEEPALIVE_INTERVAL,
         log_prompts=settings.LOG_PROMPTS,
@@ -205,6 +257,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             },
             "device": settings.DEVICE,
             "gpus": runtime.gpus,
+            "profile": runtime.profile,
+            "startup_s": runtime.startup,
+            "caches": runtime.caches,
             "uptime_s": round(time.time() - runtime.started_at, 1),
             "proxy_version": __version__,
         }
@@ -225,9 +280,19 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         return Response(own + engine_text, media_type=CONTENT_TYPE_LATEST)
 
     dashboard.register(api, settings, runtime, engine, proxy)
-    batch = BatchService(settings, runtime, keys)
+    usage.register(api, keyring, admission, accounting.usage, tasks=[keyring.watch])
+    batch = BatchService(settings, runtime, keyring.secrets())
     batch.register(api)  # the batch store and runner live in the app's lifespan
-    app: Any = RequestContextMiddleware(Dispatcher(api, proxy, keys, metrics_key, batch), runtime)
+    # LoRA adapters (app/lora/): admin routes, GET /v1/lora_adapters, what the engine serves.
+    lora = LoraService(settings, runtime, proxy)
+    lora.register(api)
+    proxy.models = lora
+    app: Any = RequestContextMiddleware(
+        Dispatcher(api, proxy, keyring, metrics_key, batch, admin_key),
+        runtime,
+        accounting.finished,
+        models=lora,
+    )
     batch.pipeline = app  # batch lines take the live requests' path: log line, metrics, keys, proxy
     origins = [o.strip() for o in settings.CORS_ALLOW_ORIGINS.split(",") if o.strip()]
     if origins:  # off by default; the engine's own CORS headers are always dropped by the proxy
@@ -236,6 +301,6 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             allow_origins=origins,
             allow_methods=["*"],
             allow_headers=["*"],
-            expose_headers=["x-request-id"],
+            expose_headers=["x-request-id", *usage.RATE_HEADERS],
         )
     return app

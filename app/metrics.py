@@ -108,6 +108,15 @@ BATCH_IN_FLIGHT = Gauge(
     registry=REGISTRY,
 )
 
+# --- LoRA adapters (app/lora/) ------------------------------------------------------------------
+# Per adapter, the request, token and TTFT families above carry the adapter's name in `model`: only
+# names the engine serves (its /v1/models) become label values (app/middleware.py `observe`).
+LORA_ADAPTERS_LOADED = Gauge(
+    f"{PREFIX}_lora_adapters_loaded",
+    "LoRA adapters the engine serves now (its /v1/models, read after every load and unload).",
+    registry=REGISTRY,
+)
+
 
 # Labelled counters are exported at zero from the start, so "no errors" reads 0 rather than no data.
 for _kind in ("connect", "timeout", "protocol"):
@@ -117,3 +126,70 @@ for _kind in ("connect", "timeout", "protocol"):
 # vllm_api_gpu_{memory_used_bytes,memory_total_bytes,utilization_ratio,temperature_celsius,power_watts}
 GPU = GpuCollector(PREFIX)
 REGISTRY.register(GPU)
+
+# Start-up: seconds per phase of the last start (app/startup.py), set once when the engine is ready.
+STARTUP_SECONDS = Gauge(
+    f"{PREFIX}_startup_seconds",
+    "Seconds the last start-up spent per phase: gpu_check, preflight, download, engine_load, compile, "
+    "warmup, ready, failed_start (a retried attempt), total.",
+    ["phase"],
+    registry=REGISTRY,
+)
+
+# --- Admission control and API keys (app/admission.py, app/keys.py, app/usage.py) ----------------
+# The `key` label is a key's name from API_KEY_FILE (or `key-<hash>` for a plain key, `anonymous`
+# without keys, `batch` for batch lines): a set the operator bounds, never the secret.
+QUEUE_WAIT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0,
+)  # fmt: skip
+ADMISSION_QUEUE_DEPTH = Gauge(
+    f"{PREFIX}_admission_queue_depth",
+    "Requests waiting in the proxy for one of MAX_CONCURRENT_REQUESTS.",
+    registry=REGISTRY,
+)
+ADMISSION_IN_FLIGHT = Gauge(
+    f"{PREFIX}_admission_in_flight",
+    "Requests holding one of MAX_CONCURRENT_REQUESTS (in flight to the engine).",
+    registry=REGISTRY,
+)
+ADMISSION_WAIT = Histogram(
+    f"{PREFIX}_admission_wait_seconds",
+    "Time a request waited in the proxy's queue before it went to the engine (0: at once).",
+    buckets=QUEUE_WAIT_BUCKETS,
+    registry=REGISTRY,
+)
+REJECTIONS = Counter(
+    f"{PREFIX}_admission_rejections",
+    "Requests refused before the engine, by reason: queue_full and queue_timeout (429, the "
+    "proxy's queue), key_parallel, key_rpm and key_tpm (429, a key's limits), model_not_allowed (403).",
+    ["reason"],
+    registry=REGISTRY,
+)
+for _reason in ("queue_full", "queue_timeout", "key_parallel", "key_rpm", "key_tpm", "model_not_allowed"):
+    REJECTIONS.labels(_reason)
+KEY_REQUESTS = Counter(
+    f"{PREFIX}_key_requests",
+    "Requests to the engine's API routes, by API key name and HTTP status (499: client hung up).",
+    ["key", "status"],
+    registry=REGISTRY,
+)
+KEY_PROMPT_TOKENS = Counter(
+    f"{PREFIX}_key_prompt_tokens",
+    "Prompt tokens by API key name, from the engine's usage report.",
+    ["key"],
+    registry=REGISTRY,
+)
+KEY_COMPLETION_TOKENS = Counter(
+    f"{PREFIX}_key_completion_tokens",
+    "Generated tokens by API key name, from the engine's usage report.",
+    ["key"],
+    registry=REGISTRY,
+)
+KEY_RELOADS = Counter(
+    f"{PREFIX}_key_reloads",
+    "Reloads of API_KEY_FILE (SIGHUP or a change of the file): ok, or error (the keys in use stay).",
+    ["result"],
+    registry=REGISTRY,
+)
+for _result in ("ok", "error"):
+    KEY_RELOADS.labels(_result)

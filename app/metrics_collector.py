@@ -92,6 +92,9 @@ class Snapshot:
     hists: dict[str, dict[float, float]] = field(default_factory=dict)
     """name -> {upper bound: cumulative count}"""
     gauges: dict[str, float | None] = field(default_factory=dict)
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per `model` label of the proxy's request metrics (base model and LoRA adapters): counters
+    and the TTFT buckets (`ttft`: {upper bound: cumulative count})."""
 
 
 def engine_lines(text: bytes) -> str:
@@ -111,8 +114,11 @@ def take_snapshot(samples: Iterable[Any], ts: float) -> Snapshot:
     gauge_sum: dict[str, float] = collections.defaultdict(float)
     kv: list[float] = []
     util: list[float] = []
+    models: dict[str, dict[str, Any]] = {}
     for s in samples:
         name, labels, value = s.name, s.labels, s.value
+        if name in _PER_MODEL and labels.get("model"):
+            _per_model(models, name, labels, value)
         if name in _COUNTERS:
             counters[_COUNTERS[name]] += value
             if name == "vllm_api_requests_total" and labels.get("status", "").startswith("5"):
@@ -142,7 +148,67 @@ def take_snapshot(samples: Iterable[Any], ts: float) -> Snapshot:
     snap.gauges = dict(gauge_sum)
     snap.gauges["kv_cache"] = max(kv) if kv else None
     snap.gauges["gpu_util"] = sum(util) / len(util) if util else None
+    snap.models = models
     return snap
+
+
+# --- per model and LoRA adapter (the `model` label: only names the engine serves) ---------------
+_PER_MODEL = {
+    "vllm_api_requests_total": "requests",
+    "vllm_api_prompt_tokens_total": "prompt_tokens",
+    "vllm_api_completion_tokens_total": "completion_tokens",
+    "vllm_api_time_to_first_token_seconds_bucket": "ttft",
+}
+
+
+def _per_model(models: dict[str, dict[str, Any]], name: str, labels: dict[str, str], value: float) -> None:
+    row = models.setdefault(
+        labels["model"],
+        {"requests": 0.0, "errors": 0.0, "prompt_tokens": 0.0, "completion_tokens": 0.0, "ttft": {}},
+    )
+    key = _PER_MODEL[name]
+    if key == "ttft":
+        bound = float(labels["le"])
+        row["ttft"][bound] = row["ttft"].get(bound, 0.0) + value
+        return
+    row[key] += value
+    status = labels.get("status", "")
+    if key == "requests" and status[:1] in ("4", "5") and status != "499":  # answered with an error
+        row["errors"] += value
+
+
+def model_rows(prev: Snapshot | None, cur: Snapshot) -> list[dict[str, Any]]:
+    """The dashboard's per-model table: totals since the proxy started, and rates and TTFT
+    percentiles between `prev` and `cur` (None without a previous reading)."""
+    rows = []
+    dur = max(cur.ts - prev.ts, 1e-6) if prev is not None else None
+    for model, now in sorted(cur.models.items()):
+        before = prev.models.get(model, {}) if prev is not None else {}
+        row: dict[str, Any] = {
+            "model": model,
+            "requests": now["requests"],
+            "errors": now["errors"],
+            "prompt_tokens": now["prompt_tokens"],
+            "completion_tokens": now["completion_tokens"],
+            "request_rate": None,
+            "completion_tokens_per_s": None,
+            "error_rate": None,
+            "ttft_p50": None,
+            "ttft_p95": None,
+        }
+        if dur is not None:
+            requests = _delta(before.get("requests"), now["requests"])
+            ttft = bucket_delta(before.get("ttft"), now["ttft"])
+            row.update(
+                request_rate=requests / dur,
+                completion_tokens_per_s=_delta(before.get("completion_tokens"), now["completion_tokens"])
+                / dur,
+                error_rate=_ratio(_delta(before.get("errors"), now["errors"]), requests),
+                ttft_p50=quantile(0.5, ttft),
+                ttft_p95=quantile(0.95, ttft),
+            )
+        rows.append(row)
+    return rows
 
 
 def _delta(before: float | None, now: float | None) -> float:
@@ -330,6 +396,7 @@ class Collector:
         snap = await asyncio.to_thread(self._snapshot, text)
         base = self.baseline(snap.ts)
         out = live_values(snap, interval(base, snap) if base is not None else None)
+        out["models"] = model_rows(base, snap)
         out["ts"] = round(snap.ts, 3)
         out["engine_metrics"] = text is not None
         return out

@@ -11,6 +11,7 @@ import itertools
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,17 @@ class RequestRecord:
     """A line of a batch (Batch API): the batch's id."""
     route: Route | None = None
     """The path's entry in the route table (app/routes.py); None: unknown or refused."""
+    # --- admission control and API keys (app/admission.py, app/keys.py) ---
+    key: str | None = None
+    """The name of the API key the request was made with (never the secret); None: no valid key."""
+    queued_s: float | None = None
+    """Time waited in the proxy's queue (MAX_CONCURRENT_REQUESTS set); 0: went in at once."""
+    rejected: str | None = None
+    """Refused by admission control or a key's limits: the reason (app/admission.py)."""
+    response_headers: list[tuple[bytes, bytes]] | None = None
+    """Added to the engine's response: a key's x-ratelimit-* headers."""
+    adapter: str | None = None
+    """The LoRA adapter the request names (app/lora/service.py); None for the base model."""
 
     @property
     def id_header(self) -> tuple[bytes, bytes]:
@@ -84,8 +96,11 @@ class RequestRecord:
             "completion_tokens": self.completion_tokens,
             "tokens_per_second": tps,
             "modalities": self.modalities,
+            "adapter": _cut(self.adapter, MAX_LOGGED_MODEL),
             "client": self.client,
             "error": _cut(self.error, MAX_LOGGED_ERROR),
+            "key": self.key,
+            "queued_ms": None if self.queued_s is None else round(self.queued_s * 1000, 2),
             **({"prompt": self.prompt} if self.prompt is not None else {}),
             **({"batch_id": self.batch_id} if self.batch_id is not None else {}),
         }
@@ -116,9 +131,20 @@ class RequestContextMiddleware:
     itself (the pass-through sends up to one message per streamed token: wrapping `send` would cost
     a call each)."""
 
-    def __init__(self, app: Any, runtime: Runtime) -> None:
+    def __init__(
+        self,
+        app: Any,
+        runtime: Runtime,
+        on_finished: Callable[[RequestRecord, int], None] | None = None,
+        models: Any = None,
+    ) -> None:
         self.app = app
         self.runtime = runtime
+        self.on_finished = on_finished
+        """Called with each counted request's record and final status (app/usage.py: usage per key)."""
+        self.models = models
+        """What the engine serves (app/lora/service.py): the metric `model` label's values, and
+        the per-adapter counters."""
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -166,7 +192,15 @@ class RequestContextMiddleware:
             if not quiet:
                 self.runtime.request_finished()
                 metrics.IN_FLIGHT.dec()
-                observe(rec, duration)
+                models = self.models
+                observe(rec, duration, models.served if models is not None else None)
+                if rec.adapter is not None and models is not None:
+                    models.record(rec, duration)
+                if self.on_finished is not None:
+                    try:
+                        self.on_finished(rec, 499 if rec.disconnected else rec.status)
+                    except Exception:  # accounting must never cost the request its log line
+                        _log.exception("request accounting failed", path=rec.path)
                 logs.request_line(rec.fields(duration))
             else:
                 _log.debug("request", **rec.fields(duration))
@@ -203,10 +237,19 @@ def _series(route: str, model: str, status: int) -> tuple[Any, ...]:
     return found
 
 
-def observe(rec: RequestRecord, duration: float) -> None:
+def observe(rec: RequestRecord, duration: float, served: frozenset[str] | None = None) -> None:
+    """`served`: every name the engine serves (base model and LoRA adapters, app/lora/service.py),
+    when known: then the `model` label is the served name the request used, whatever its status
+    (errors per adapter); any other name is "". Unknown: only a request the engine accepted names a
+    model label. Either way clients cannot mint label values."""
     status = 499 if rec.disconnected else rec.status
-    # Only a request the engine accepted names a model label: clients cannot mint label values.
-    model = rec.model if (rec.model and 200 <= status < 400 and len(rec.model) <= MAX_LOGGED_MODEL) else ""
+    if served is not None:
+        name = rec.adapter or rec.model
+        model = name if name in served else ""
+    else:
+        model = (
+            rec.model if (rec.model and 200 <= status < 400 and len(rec.model) <= MAX_LOGGED_MODEL) else ""
+        )
     requests, latency, ttft, prompt, completion, tps = _series(route_label(rec.route), model, status)
     requests.inc()
     latency.observe(duration)

@@ -94,8 +94,10 @@ class _Discard:
         pass
 
 
-def _progress_class() -> Any:
-    """A tqdm that reports through the log every few seconds instead of drawing bars."""
+def _progress_class(expected_bytes: int | None = None) -> Any:
+    """A tqdm that reports through the log every few seconds instead of drawing bars: bytes done,
+    percent, rate and time left. The byte bars' totals grow as each file starts, so the percent
+    and time left use the preflight's total of the download when it is larger."""
     from tqdm.auto import tqdm
 
     class LogProgress(tqdm):  # type: ignore[misc, valid-type]
@@ -104,22 +106,39 @@ def _progress_class() -> Any:
             kwargs["file"] = _Discard()  # tqdm never closes its file: no devnull handle per bar
             super().__init__(*args, **kwargs)
             self._last_log = 0.0
+            self._started = time.monotonic()
 
         def update(self, n: float | None = 1) -> bool | None:
             out = super().update(n)
             now = time.monotonic()
             if now - self._last_log >= 5 or (self.total and self.n >= self.total):
                 self._last_log = now
-                log.info(
-                    "download progress",
-                    what=self.desc or "files",
-                    done=int(self.n),
-                    total=int(self.total) if self.total else None,
-                    unit=self.unit,
-                )
+                log.info("download progress", **progress_fields(self, now - self._started, expected_bytes))
             return out
 
     return LogProgress
+
+
+def progress_fields(bar: Any, elapsed: float, expected_bytes: int | None = None) -> dict[str, Any]:
+    """What one progress record says about a bar: done and total, and for bytes the percent,
+    rate (bytes/s) and seconds left."""
+    done = int(bar.n)
+    total = int(bar.total) if bar.total else None
+    fields: dict[str, Any] = {"what": bar.desc or "files", "done": done, "total": total, "unit": bar.unit}
+    if bar.unit == "B":
+        if expected_bytes and (total is None or expected_bytes > total):
+            total = fields["total"] = expected_bytes
+        rate = done / elapsed if elapsed > 0 else None
+        fields["percent"] = round(100 * done / total, 1) if total else None
+        fields["rate_bytes_per_s"] = int(rate) if rate else None
+        fields["eta_s"] = round((total - done) / rate, 1) if rate and total and total >= done else None
+    return fields
+
+
+def _on_a_tty() -> bool:
+    import sys
+
+    return sys.stderr.isatty()
 
 
 def _cached_skip(repo_id: str, revision: str | None, cache_dir: str | None) -> list[str] | None:
@@ -218,9 +237,11 @@ def resolve_model(
     endpoint: str | None = None,
     baked_cache: str | None = None,
     settings: Any = None,
+    expected_bytes: int | None = None,
 ) -> ResolvedModel:
     """A local directory, a snapshot baked into the image (`baked_cache`), a model from `s3://` or
-    ModelScope (app/sources/), or the path of the downloaded snapshot. Raises ModelError."""
+    ModelScope (app/sources/), or the path of the downloaded snapshot. Raises ModelError.
+    `expected_bytes` (the preflight's size of the download) makes the progress percent exact."""
     from app import sources  # s3:// and ModelScope (issue 21): app/sources/
 
     if sources.handles(name, settings):
@@ -267,7 +288,9 @@ def resolve_model(
         else:
             skip = ignore_patterns(files)
             log.info("downloading model", repo_id=name, revision=revision or "main", skipping=skip)
-            path = snapshot_download(name, ignore_patterns=skip, tqdm_class=_progress_class(), **kwargs)
+            # On a terminal, huggingface_hub's own bars; otherwise progress records in the log.
+            bars = None if _on_a_tty() else _progress_class(expected_bytes)
+            path = snapshot_download(name, ignore_patterns=skip, tqdm_class=bars, **kwargs)
     except HFValidationError as exc:
         raise ModelError(
             f"MODEL_NAME {name!r} is neither a local directory nor a valid Hugging Face id."

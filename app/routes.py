@@ -41,6 +41,8 @@ OPEN = "open"
 API_KEY = "api"
 METRICS_KEY = "metrics"
 ADMIN_KEY = "admin"
+KEY_OR_ADMIN = "key_or_admin"
+"""An API key (when keys are set) or ADMIN_API_KEY: `/v1/usage`, where each key sees its own."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,15 @@ TABLE: tuple[Route, ...] = (
     _local("/api/v1/historical_metrics", METRICS_KEY, quiet=True),
     _local("/api/v1/historical_metrics/{metric_name}", METRICS_KEY, quiet=True),
     _refused("/favicon.ico", quiet=True),
+    # --- usage per API key (app/usage.py) ------------------------------------------------------
+    _local("/v1/usage", KEY_OR_ADMIN),
+    _local("/api/v1/key_usage", METRICS_KEY, quiet=True),
+    # --- LoRA adapters, answered by the proxy (app/lora/service.py) ----------------------------
+    _local("/v1/lora_adapters", API_KEY),
+    # vLLM's own routes, checked by the proxy (the adapter folder, its rank) before the engine
+    # gets them, and recorded: the admin key, as for every admin route.
+    _local("/v1/load_lora_adapter", ADMIN_KEY),
+    _local("/v1/unload_lora_adapter", ADMIN_KEY),
     # --- the OpenAI Batch API, answered by the proxy (app/batch/api.py) ------------------------
     _batch("/v1/files"),
     _batch("/v1/files/{file_id}"),
@@ -136,8 +147,6 @@ TABLE: tuple[Route, ...] = (
     _engine("/openapi.json"),
     _engine("/static/{path:path}"),  # --enable-offline-docs: the docs page's assets
     # --- vLLM's routes that change or expose the server --------------------------------------
-    _admin("/v1/load_lora_adapter"),
-    _admin("/v1/unload_lora_adapter"),
     _admin("/adapters"),  # the same, SageMaker's way (runtime LoRA updating)
     _admin("/adapters/{adapter_name}"),
     _admin("/invocations"),  # SageMaker: any request type, and LoRA adapters by header

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,9 +28,19 @@ class Runtime:
     """The engine's argv with secrets masked."""
     model_path: str | None = None
     gpus: dict[str, Any] | None = None
+    profile: dict[str, Any] | None = None
+    """The configuration chosen at start-up (profile, computed defaults or none) and what overrode it."""
+    startup: dict[str, float] | None = None
+    """Seconds per start-up phase, once ready."""
+    caches: dict[str, str | None] | None = None
+    """Where the Hugging Face and vLLM caches are."""
     inflight: int = 0
     grace: bool = False
     """Draining, but still serving new requests (DRAIN_GRACE_SECONDS) until routers notice."""
+    reloaders: list[Callable[[], Any]] = field(default_factory=list)
+    """Called on SIGHUP (the launcher): the app's API keys reload from API_KEY_FILE."""
+    lora: Any = None
+    """The LoRA start plan (app/lora/config.py), set by the launcher before the engine starts."""
     _idle: asyncio.Event | None = None
 
     def set_phase(self, phase: Phase, detail: str | None = None) -> None:

@@ -1,7 +1,7 @@
 """Who may call what, and which media URLs the engine may be asked to fetch.
 
-- API keys: one or several (`API_KEY`, comma-separated, and/or `API_KEY_FILE`, one per line),
-  compared in constant time against every configured key.
+- API keys: one or several (`API_KEY`, comma-separated, and/or `API_KEY_FILE`), with names and
+  limits: app/keys.py.
 - Admin routes (app/routes.py): engine endpoints that change or expose the server rather than
   answer a request (LoRA loading, elastic scaling, aborting other requests, dev-mode routes...).
   Refused unless the request carries `ADMIN_API_KEY`.
@@ -28,21 +28,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from app.keys import KeyEntry, plain_name, read_key_file
+
 # --- keys -----------------------------------------------------------------------------------------
 
 
 def load_keys(inline: str | None, file: Path | None) -> list[bytes]:
-    """Keys from `API_KEY` (comma-separated) and `API_KEY_FILE` (one per line, `#` comments)."""
-    keys = [k.strip() for k in (inline or "").split(",") if k.strip()]
+    """Every key's secret: `API_KEY`'s (comma-separated), then `API_KEY_FILE`'s (one per line, or the
+    YAML/JSON list of app/keys.py), keys with limits last: the proxy's own clients (the RunPod
+    worker, one-shot batches) take the first."""
+    inline_keys = [k.strip().encode() for k in (inline or "").split(",") if k.strip()]
+    entries = [KeyEntry(plain_name(k), k) for k in inline_keys]
     if file is not None:
-        try:
-            text = file.read_text()
-        except OSError as exc:
-            raise ValueError(f"API_KEY_FILE {file} cannot be read: {exc.strerror}") from exc
-        keys += [
-            line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
-        ]
-    return [k.encode() for k in keys]
+        entries += read_key_file(file)
+    return [e.secret for e in sorted(entries, key=lambda e: e.limited)]
 
 
 SEVERAL_AUTHORIZATION = "Send one Authorization header, not several."

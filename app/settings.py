@@ -129,7 +129,10 @@ class Settings(BaseSettings):
         "need `Authorization: Bearer <key>`; `/health` and `/ping` stay open. Never logged.",
     )
     API_KEY_FILE: Path | None = Field(
-        None, description="A file of API keys, one per line (`#` comments), added to API_KEY's."
+        None,
+        description="A file of API keys, added to API_KEY's: one per line (`#` comments), or a YAML or "
+        "JSON list of keys with a `name` and optional limits (`max_parallel_requests`, `rpm`, `tpm`, "
+        "`models`, `expires`; see README). Read again on SIGHUP and when it changes.",
     )
     ADMIN_API_KEY: SecretStr | None = Field(
         None,
@@ -428,6 +431,175 @@ class Settings(BaseSettings):
         if not text.isdigit() or not 1 <= int(text) <= 64:
             raise ValueError("PROXY_WORKERS must be `auto` or a number of processes from 1 to 64")
         return str(int(text))
+
+    # --- Profiles, preflight and start-up (model profiles, hardware-aware defaults) ----------
+    MODEL_PROFILE: str = Field(
+        "auto",
+        pattern=r"^[a-z0-9][a-z0-9._-]*$",
+        description="`auto`: the first profile of `profiles/models.yaml` (and PROFILES_FILE) that runs "
+        "on the GPUs found, else defaults computed from the model's config and the GPUs (tensor "
+        "parallel size, context); `none`: neither; a profile id: that one (exit 1 if it cannot run "
+        "here). Any engine setting you set wins over the profile; `/info` shows both.",
+    )
+    PROFILES_FILE: Path | None = Field(
+        None,
+        description="A YAML manifest of your own profiles (format: `profiles/schema.json`), read "
+        "before the built-in one; a profile with a built-in id replaces it.",
+    )
+    PIPELINE_PARALLEL_SIZE: int | None = Field(
+        None, ge=1, description="Pipeline stages (GPUs in a row): `--pipeline-parallel-size`."
+    )
+    KV_CACHE_DTYPE: str | None = Field(
+        None, description="KV cache dtype (`auto`, `fp8`, `fp8_e4m3`, `fp8_e5m2`, ...): `--kv-cache-dtype`."
+    )
+    LOAD_FORMAT: str | None = Field(
+        None,
+        description="How vLLM loads the weights (`auto`, `safetensors`, `runai_streamer`, "
+        "`fastsafetensors`, ...): `--load-format`.",
+    )
+    AUTO_RETRY: bool = Field(
+        True,
+        description="When the engine fails to start because the KV cache cannot hold MAX_MODEL_LEN, "
+        "or runs out of GPU memory after loading the weights, start it once more with the context "
+        "length vLLM says fits (logged).",
+    )
+    DATA_DIR: Path = Field(
+        Path("/data"),
+        description="The volume for the Hugging Face cache (HF_HOME unset: `DATA_DIR/huggingface`) "
+        "and vLLM's compile cache (VLLM_CACHE_ROOT unset: `DATA_DIR/vllm-cache`), so a restart skips "
+        "the download and the compile. Missing, read-only or full: the home folder's caches instead "
+        "(logged).",
+    )
+    VLLM_CACHE_ROOT: Path | None = Field(
+        None,
+        description="vLLM's cache root (torch.compile artifacts, its model-inspection cache). Default: "
+        "DATA_DIR/vllm-cache, else vLLM's own (~/.cache/vllm).",
+    )
+
+    @field_validator("PROFILES_FILE")
+    @classmethod
+    def _profiles_readable(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"PROFILES_FILE {v} is not a readable file")
+        return v
+
+    # --- Admission control and usage per API key (app/admission.py, app/keys.py, app/usage.py) --
+    MAX_CONCURRENT_REQUESTS: int | None = Field(
+        None,
+        ge=1,
+        description="Most requests in flight to the engine at once (POSTs to its API routes); past it "
+        "requests wait in the proxy's queue, fair across API keys. Unset: no limit (off). Sizing: see "
+        "README (Admission control).",
+    )
+    MAX_QUEUED_REQUESTS: int | None = Field(
+        None,
+        ge=0,
+        description="MAX_CONCURRENT_REQUESTS: most requests waiting in the proxy's queue; past it `429` "
+        "with Retry-After. 0: no queue. Unset: as many as MAX_CONCURRENT_REQUESTS.",
+    )
+    QUEUE_TIMEOUT: float = Field(
+        30,
+        gt=0,
+        description="MAX_CONCURRENT_REQUESTS: seconds a request may wait in the proxy's queue before it "
+        "gets `429` with Retry-After.",
+    )
+    USAGE_DB_PATH: Path = Field(
+        Path("data/usage.db"),
+        description="SQLite file of the usage per API key (`GET /v1/usage`; relative: from the app's "
+        "directory; the images use /data/usage/usage.db, on their volume). Several processes may "
+        "share it.",
+    )
+
+    @model_validator(mode="after")
+    def _admission_and_key_checks(self) -> Settings:
+        if self.MAX_QUEUED_REQUESTS is not None and self.MAX_CONCURRENT_REQUESTS is None:
+            raise ValueError("MAX_QUEUED_REQUESTS needs MAX_CONCURRENT_REQUESTS (the queue is for its slots)")
+        if self.API_KEY_FILE is not None:
+            from app.keys import read_key_file
+
+            read_key_file(self.API_KEY_FILE)  # a key file that cannot be used stops the start (exit 2)
+        return self
+
+    # --- LoRA adapters (issue 15: app/lora/) ----------------------------------------------------
+    LORA_MODULES: str = Field(
+        "",
+        description="LoRA adapters loaded at start: `name=path` pairs, comma-separated, or a JSON list of "
+        '`{"name", "path", "base_model_name"}` as vLLM\'s `--lora-modules` takes. A path is a local '
+        "folder, a Hugging Face id (`org/repo` or `org/repo@revision`, downloaded like the model, with "
+        "HF_TOKEN) or `s3://bucket/prefix`. Any adapter named turns LoRA on.",
+    )
+    LORA_CONFIG: Path | None = Field(
+        None,
+        description="A YAML file in vllm_mxext's shape (`base_model`, `lora_adapters` with name, path, "
+        "description; `lora_settings`: max_lora_rank, max_loras, enable_dynamic_loading, cache_size; "
+        "`auto_load`): adapters in auto_load are loaded at start, the others on first use. The settings "
+        "here win over its lora_settings.",
+    )
+    LORA_DIR: Path | None = Field(
+        None,
+        description="A folder whose subfolders are LoRA adapters (name = folder name), all loaded at "
+        "start; with LORA_DYNAMIC, folders added later are loaded too (scanned every LORA_SCAN_INTERVAL "
+        "seconds, and at once when a request names one).",
+    )
+    LORA_DYNAMIC: bool | None = Field(
+        None,
+        description="Runtime LoRA loading and unloading on the engine (`POST /v1/load_lora_adapter`, "
+        "behind ADMIN_API_KEY; vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING). Unset: LORA_CONFIG's "
+        "enable_dynamic_loading, else off. Setting it true alone turns LoRA on.",
+    )
+    MAX_LORAS: int | None = Field(None, ge=1, description="Most LoRA adapters in one batch: `--max-loras`.")
+    MAX_CPU_LORAS: int | None = Field(
+        None,
+        ge=1,
+        description="Most LoRA adapters kept in CPU memory (at least MAX_LORAS): `--max-cpu-loras`.",
+    )
+    MAX_LORA_RANK: int | None = Field(
+        None,
+        description="Largest LoRA rank served (1, 8, 16, 32, 64, 128, 256, 320 or 512): `--max-lora-rank`. "
+        "Unset: the smallest of those that fits every configured adapter (read from its "
+        "adapter_config.json), or vLLM's 16 when none is configured.",
+    )
+    LORA_SCAN_INTERVAL: float = Field(
+        10,
+        gt=0,
+        description="Seconds between two looks at what the engine serves (its `/v1/models`) and, with "
+        "LORA_DIR and LORA_DYNAMIC, at new adapter folders.",
+    )
+
+    @field_validator("LORA_MODULES")
+    @classmethod
+    def _lora_modules(cls, v: str) -> str:
+        from app.lora.adapter import LoraError
+        from app.lora.config import parse_modules
+
+        try:
+            parse_modules(v)
+        except LoraError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @field_validator("MAX_LORA_RANK")
+    @classmethod
+    def _lora_rank(cls, v: int | None) -> int | None:
+        from app.lora.adapter import ALLOWED_RANKS
+
+        if v is not None and v not in ALLOWED_RANKS:
+            raise ValueError(
+                f"MAX_LORA_RANK must be one of {', '.join(map(str, ALLOWED_RANKS))} (vLLM's ranks)"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _lora_checks(self) -> Settings:
+        if self.LORA_CONFIG is not None and not self.LORA_CONFIG.is_file():
+            raise ValueError(f"LORA_CONFIG {self.LORA_CONFIG} is not a readable file")
+        if self.LORA_DIR is not None and not self.LORA_DIR.is_dir():
+            raise ValueError(f"LORA_DIR {self.LORA_DIR} is not a directory")
+        if self.MAX_LORAS and self.MAX_CPU_LORAS and self.MAX_CPU_LORAS < self.MAX_LORAS:
+            raise ValueError(
+                f"MAX_CPU_LORAS ({self.MAX_CPU_LORAS}) must be at least MAX_LORAS ({self.MAX_LORAS})"
+            )
+        return self
 
 
 def load_settings() -> Settings | None:

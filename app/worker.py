@@ -40,10 +40,20 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def _serve(app, settings, args, shared: workers.SharedState) -> int:
+def _reload(runtime: workers.WorkerRuntime) -> None:
+    for reload in runtime.reloaders:
+        try:
+            reload()
+        except Exception:
+            log.exception("reload failed", worker=workers.current())
+
+
+async def _serve(app, settings, args, shared: workers.SharedState, runtime: workers.WorkerRuntime) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_reader(args.control_fd, stop.set)  # readable: a byte, or EOF when the launcher closes it
+    # The launcher forwards SIGHUP: this process's API keys reload (a reload never stops the server).
+    loop.add_signal_handler(signal.SIGHUP, _reload, runtime)
     main = ProxyServer(server_config(app, settings.HOST, settings.PORT, settings.CLIENT_TIMEOUT))
     servers = [(main, socket.socket(fileno=args.fd))]
     if args.health_fd is not None:
@@ -83,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop's handler reloads the keys
     settings = load_settings()
     if settings is None:
         return 2
@@ -96,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvloop
 
-        return uvloop.run(_serve(app, settings, args, shared))
+        return uvloop.run(_serve(app, settings, args, shared, runtime))
     except ImportError:
-        return asyncio.run(_serve(app, settings, args, shared))
+        return asyncio.run(_serve(app, settings, args, shared, runtime))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import mmap
 import os
+import pickle
 import shutil
 import socket
 import sys
@@ -71,7 +72,13 @@ STARTING, READY = 0, 1
 _META_AT = (_HEADER + _SLOT * MAX_WORKERS) * 8
 _META_MAX = 64 * 1024
 _SIZE = _META_AT + _META_MAX
-_META_FIELDS = ("detail", "started_at", "engine_version", "engine_command", "model_path", "gpus")
+_META_FIELDS = (
+    "detail", "started_at", "engine_version", "engine_command", "model_path", "gpus", "profile", "startup",
+    "caches",
+)  # fmt: skip
+_LORA_FILE = "lora-plan.pickle"
+"""The LoRA start plan (dataclasses, not JSON): a file beside the control block, in the launcher's
+0700 directory, written before the engine starts."""
 
 
 def worker_count(settings: Any) -> int:
@@ -107,6 +114,8 @@ class SharedState:
         self.q = memoryview(mm).cast("q")
         self._meta_seq = -1
         self._meta: dict[str, Any] = {}
+        self._lora_stamp: int | None = None
+        self._lora_plan: Any = None
 
     @classmethod
     def create(cls) -> SharedState:
@@ -131,6 +140,23 @@ class SharedState:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     # --- the launcher's side --------------------------------------------------------------------
+
+    def publish_lora(self, plan: Any) -> None:
+        path = self.dir / _LORA_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(pickle.dumps(plan))
+        tmp.replace(path)  # a worker reads the old plan or the new one, never half of one
+
+    def lora(self) -> Any:
+        """The launcher's LoRA plan, once it has one (None before)."""
+        path = self.dir / _LORA_FILE
+        try:
+            stamp = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+        if stamp != self._lora_stamp:
+            self._lora_plan, self._lora_stamp = pickle.loads(path.read_bytes()), stamp
+        return self._lora_plan
 
     def publish(self, runtime: Runtime) -> None:
         q = self.q
@@ -198,8 +224,12 @@ class PublishedRuntime(Runtime):
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
-        if name in self._PUBLISHED and self._shared is not None:
+        if self._shared is None:
+            return
+        if name in self._PUBLISHED:
             self._shared.publish(self)
+        elif name == "lora" and value is not None:
+            self._shared.publish_lora(value)
 
     @property  # type: ignore[override]
     def inflight(self) -> int:
@@ -228,6 +258,12 @@ class WorkerRuntime:
         self._q = shared.q
         self._count = count
         self._mine = shared.slot(index) + _INFLIGHT
+        self.reloaders: list[Any] = []
+        """Called on SIGHUP, which the launcher forwards to every worker (app/worker.py)."""
+
+    @property
+    def lora(self) -> Any:
+        return self._shared.lora()
 
     @property
     def phase(self) -> Phase:
@@ -471,6 +507,13 @@ class WorkerPool:
                 )
                 self.restarts += 1
                 await self._spawn(index)
+
+    def signal(self, signum: int) -> None:
+        """Pass a signal on to every live worker (SIGHUP: reload the API keys)."""
+        for proc in self.procs:
+            if proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signum)
 
     async def stop(self) -> None:
         """Ask every worker to stop (uvicorn's graceful shutdown), kill what is left after

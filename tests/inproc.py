@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -51,6 +53,7 @@ class LogSink(io.TextIOBase):
         raise AssertionError(f"no log line for {request_id}")
 
 
+_TMP = tempfile.TemporaryDirectory(prefix="inproc-")
 LOGS = LogSink()
 configure_logging("DEBUG", "json", stream=LOGS)
 
@@ -74,6 +77,7 @@ class InProcessProxy:
         if runtime is None:
             self.runtime.set_phase(Phase.READY)
         settings.setdefault("SCRAPE_INTERVAL", 0)  # no dashboard history unless a test asks for it
+        settings.setdefault("USAGE_DB_PATH", str(Path(_TMP.name) / f"usage-{self.port}.db"))  # not data/
         self.settings = Settings(
             MODEL_NAME=settings.pop("MODEL_NAME", "m"), ENGINE_PORT=engine_port, PORT=self.port, **settings
         )

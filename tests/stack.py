@@ -52,6 +52,7 @@ class Stack:
             **CPU_ENV,
             "VLLM_CACHE_ROOT": str(log_dir / "vllm-cache"),
             "METRICS_DB_PATH": str(log_dir / f"{name}-metrics.db"),  # not the checkout's data/
+            "USAGE_DB_PATH": str(log_dir / f"{name}-usage.db"),
             "PORT": str(self.port),
             "ENGINE_PORT": str(self.engine_port),
             **env,

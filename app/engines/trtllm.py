@@ -19,6 +19,12 @@ How it differs from vLLM, and what the proxy does about it:
 - Model name: there is no `--served-model-name`; `/v1/models` lists the model directory's name.
 - GPU_MEMORY_UTIL maps to `--kv_cache_free_gpu_memory_fraction`, which is the fraction of the memory
   left *after* the weights that goes to the KV cache, not vLLM's share of the whole GPU.
+- LoRA (app/lora/): the adapters loaded at start go into the options file's `lora_config`
+  (`tensorrt_llm/lora_helper.py` LoraConfig: `lora_dir`, `max_lora_rank`, `max_loras`,
+  `max_cpu_loras`, `lora_target_modules` in TensorRT-LLM's module names). trtllm-serve has no
+  routes to load or unload adapters at run time, and a request picks an adapter with the body's
+  `lora_request` (`{"lora_name", "lora_int_id", "lora_path"}`), not by `model`: both are named once
+  in the start-up log.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ VALUE_FLAGS = {
     "TENSOR_PARALLEL_SIZE": "--tp_size",
     "MAX_NUM_SEQS": "--max_batch_size",
     "MAX_BATCHED_TOKENS": "--max_num_tokens",
+    "PIPELINE_PARALLEL_SIZE": "--pp_size",
 }
 # Settings that go into the LLM API options file.
 OPTION_SETTINGS = ("DTYPE", "ENABLE_CHUNKED_PREFILL", "ENABLE_PREFIX_CACHING")
@@ -47,8 +54,22 @@ UNMAPPED = {
     "IMAGE_LIMIT": "no per-prompt multimodal limits",
     "VIDEO_LIMIT": "no per-prompt multimodal limits",
     "AUDIO_LIMIT": "no per-prompt multimodal limits",
+    "KV_CACHE_DTYPE": "set kv_cache_config.dtype in an options file of your own",
+    "LOAD_FORMAT": "trtllm-serve loads checkpoints its own way",
 }
 OWN_OPTIONS_FLAGS = ("--extra_llm_api_options", "--config")
+# Hugging Face (PEFT) module names -> TensorRT-LLM's, the inverse of
+# `tensorrt_llm/lora_helper.py` get_default_trtllm_modules_to_hf_modules (dense layers).
+LORA_MODULES_TO_TRTLLM = {
+    "q_proj": "attn_q",
+    "k_proj": "attn_k",
+    "v_proj": "attn_v",
+    "o_proj": "attn_dense",
+    "gate_proj": "mlp_h_to_4h",
+    "down_proj": "mlp_4h_to_h",
+    "up_proj": "mlp_gate",
+    "gate_up_proj": "mlp_gate_up",
+}
 # Engine metric families that would clash with the proxy's, or that only describe its HTTP layer.
 DROPPED_FAMILIES = (b"python_", b"process_", b"http_")
 METRICS_PREFIX = b"trtllm_"
@@ -67,7 +88,23 @@ def _brings_own_options(settings) -> bool:
     return False
 
 
-def llm_api_options(settings) -> dict:
+def lora_config(plan) -> dict:
+    """The LLM API's `lora_config` for the adapters loaded at start."""
+    config: dict = {"lora_dir": [spec.path for spec in plan.at_start]}
+    for key, value in (
+        ("max_lora_rank", plan.max_lora_rank),
+        ("max_loras", plan.max_loras),
+        ("max_cpu_loras", plan.max_cpu_loras),
+    ):
+        if value is not None:
+            config[key] = value
+    modules = {m for spec in plan.at_start if spec.info is not None for m in spec.info.target_modules}
+    if modules and modules <= LORA_MODULES_TO_TRTLLM.keys():  # else TensorRT-LLM reads them itself
+        config["lora_target_modules"] = sorted(LORA_MODULES_TO_TRTLLM[m] for m in modules)
+    return config
+
+
+def llm_api_options(settings, lora=None) -> dict:
     """The LLM API options trtllm-serve takes only from a file."""
     options: dict = {"return_perf_metrics": True}  # registers /prometheus/metrics
     if settings.TRTLLM_BACKEND == "pytorch":
@@ -81,16 +118,20 @@ def llm_api_options(settings) -> dict:
         if settings.GPU_MEMORY_UTIL is not None:  # keep the flag's value if the section replaces it
             kv_cache["free_gpu_memory_fraction"] = settings.GPU_MEMORY_UTIL
         options["kv_cache_config"] = kv_cache
+    if lora is not None and lora.enabled:
+        options["lora_config"] = lora_config(lora)
     return options
 
 
-def config_files(settings) -> dict[str, str]:
+def config_files(settings, lora=None) -> dict[str, str]:
     if _brings_own_options(settings):
         return {}
-    return {options_path(settings): json.dumps(llm_api_options(settings), indent=2, sort_keys=True) + "\n"}
+    options = llm_api_options(settings, lora)
+    return {options_path(settings): json.dumps(options, indent=2, sort_keys=True) + "\n"}
 
 
-def build_command(settings, model_path: str, executable: str = EXECUTABLE) -> list[str]:
+def build_command(settings, model_path: str, executable: str = EXECUTABLE, lora=None) -> list[str]:
+    """`lora` goes into the options file (`config_files`), not onto the command line."""
     argv = [
         executable,
         "serve",
@@ -116,6 +157,13 @@ def build_command(settings, model_path: str, executable: str = EXECUTABLE) -> li
 def unmapped(settings) -> list[str]:
     """Settings that are set and that trtllm-serve cannot honour, each with the reason."""
     out = [f"{name} ({why})" for name, why in UNMAPPED.items() if getattr(settings, name) is not None]
+    if settings.LORA_DYNAMIC:
+        out.append("LORA_DYNAMIC (trtllm-serve cannot load or unload LoRA adapters at run time)")
+    if settings.LORA_MODULES.strip() or settings.LORA_CONFIG or settings.LORA_DIR:
+        out.append(
+            "LoRA adapters by `model` (trtllm-serve loads the configured adapters at start; a request "
+            "picks one with the body's `lora_request`: lora_name, lora_int_id, lora_path)"
+        )
     if _brings_own_options(settings):
         out += [
             f"{name} (ENGINE_EXTRA_ARGS brings its own options file)"
@@ -171,4 +219,4 @@ TRTLLM = TrtllmEngine(
     unmapped=unmapped,
 )
 
-__all__ = ["TRTLLM", "build_command", "config_files", "llm_api_options", "unmapped"]
+__all__ = ["TRTLLM", "build_command", "config_files", "llm_api_options", "lora_config", "unmapped"]

@@ -22,6 +22,9 @@ VALUE_FLAGS = {
     "DTYPE": "--dtype",
     "QUANTIZATION": "--quantization",
     "MODEL_REVISION": "--revision",
+    "PIPELINE_PARALLEL_SIZE": "--pipeline-parallel-size",
+    "KV_CACHE_DTYPE": "--kv-cache-dtype",
+    "LOAD_FORMAT": "--load-format",
 }
 # Tri-state booleans: unset passes nothing, true/false pick the flag or its `--no-` form.
 BOOL_FLAGS = {
@@ -31,7 +34,8 @@ BOOL_FLAGS = {
 MODALITY_LIMITS = {"IMAGE_LIMIT": "image", "VIDEO_LIMIT": "video", "AUDIO_LIMIT": "audio"}
 
 
-def build_command(settings, model_path: str, python: str | None = None) -> list[str]:
+def build_command(settings, model_path: str, python: str | None = None, lora=None) -> list[str]:
+    """`lora`: the LoRA start plan (app/lora/config.py `build_plan`), when adapters are served."""
     argv = [
         python or sys.executable,
         "-m",
@@ -66,7 +70,31 @@ def build_command(settings, model_path: str, python: str | None = None) -> list[
         argv.append("--trust-remote-code")
     if settings.media_domains:  # the proxy checks media URLs too; the engine holds the same line
         argv += ["--allowed-media-domains", *settings.media_domains]
+    if lora is not None and lora.enabled:
+        argv += lora_flags(lora)
     return argv + split_extra_args(settings.ENGINE_EXTRA_ARGS)
+
+
+def lora_flags(plan) -> list[str]:
+    """LoRA on, its limits, and the adapters loaded at start, each in `--lora-modules`' JSON form
+    (a path may hold a comma or `=`, which its `name=path` form cannot)."""
+    argv = ["--enable-lora"]
+    for flag, value in (
+        ("--max-lora-rank", plan.max_lora_rank),
+        ("--max-loras", plan.max_loras),
+        ("--max-cpu-loras", plan.max_cpu_loras),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    modules = []
+    for spec in plan.at_start:
+        module = {"name": spec.name, "path": spec.path}
+        if spec.base_model_name:
+            module["base_model_name"] = spec.base_model_name
+        modules.append(json.dumps(module, separators=(",", ":")))
+    if modules:
+        argv += ["--lora-modules", *modules]
+    return argv
 
 
 VLLM = Engine(name="vllm", build_command=build_command)

@@ -23,14 +23,16 @@ from typing import Any
 
 import orjson
 
-from app import metrics
+from app import keys, metrics
+from app.admission import MODEL_NOT_ALLOWED, Admission, Refused, Ticket
 from app.errors import error_message, send_error
+from app.keys import KeyEntry, KeyRing
 from app.middleware import RECORD_KEY, RequestRecord
 from app.proxy.headers import HOP_BY_HOP, Headers, filter_headers, get_header
 from app.proxy.request_body import BodyRefused, inspect_json, is_json_type
 from app.proxy.sse import StreamObserver, is_final, usage_counts
 from app.proxy.upstream import Upstream, UpstreamError, UpstreamResponse
-from app.routes import ADMIN
+from app.routes import ADMIN, ENGINE
 from app.runtime import Phase, Runtime
 from app.security import SEVERAL_AUTHORIZATION, MediaGuard, MediaRefused, bearer, matches
 from app.server import ABORT_HOOK, HANGUP_HOOK, RELAY_HOOK
@@ -253,7 +255,9 @@ class ProxyHandler:
         *,
         runtime: Runtime,
         max_request_bytes: int,
-        api_keys: list[bytes] | None = None,
+        keyring: KeyRing | None = None,
+        admission: Admission | None = None,
+        default_model: str | None = None,
         admin_key: bytes | None = None,
         media: MediaGuard | None = None,
         sse_keepalive: float = 0,
@@ -262,11 +266,16 @@ class ProxyHandler:
         self.runtime = runtime
         self._keepalive = _KeepaliveSweep(sse_keepalive) if sse_keepalive > 0 else None
         self.max_request_bytes = max_request_bytes
-        self._keys = api_keys or []
+        self.keyring = keyring or KeyRing(None, None)
+        self.admission = admission or Admission()
+        self._default_model = default_model
         self._admin_key = admin_key
         self._media = media or MediaGuard((), allow_private=False)
         self._log_prompts = log_prompts
         self.upstream: Upstream | None = None  # set in the app's lifespan
+        self.models: Any = None
+        """LoRA adapters (app/lora/service.py): a request naming a model other than the base one
+        is handed to its `prepare` (adapter loaded on first use, `<base>:<adapter>` names)."""
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -292,7 +301,7 @@ class ProxyHandler:
             elif name == b"authorization":
                 several_auth = auth is not None
                 auth = auth or value
-                if self._keys or self._admin_key is not None:
+                if self.keyring.active or self._admin_key is not None:
                     continue  # the proxy consumed the key; the engine has none
             forward.append((name, value))
         if connection is not None:  # headers named in Connection are hop-by-hop too (rare)
@@ -303,6 +312,7 @@ class ProxyHandler:
             await self._error(rec, send, 400, SEVERAL_AUTHORIZATION, code="invalid_authorization")
             return
         token = bearer(auth)
+        entry: KeyEntry | None = None  # the caller's key, with its limits
         assert rec.route is not None  # the dispatcher sends only engine and admin routes here
         if rec.route.kind == ADMIN:
             if self._admin_key is None or not matches(token, (self._admin_key,)):
@@ -316,17 +326,30 @@ class ProxyHandler:
                     code="admin_route",
                 )
                 return
-        elif self._keys and not matches(token, self._keys):
-            rec.error = "missing or invalid API key"
-            await self._error(
-                rec,
-                send,
-                401,
-                "Missing or invalid API key: send `Authorization: Bearer <API_KEY>`.",
-                code="invalid_api_key",
-                headers=[(b"www-authenticate", b"Bearer")],
-            )
-            return
+            rec.key = keys.ADMIN
+        elif rec.batch_id is not None:  # the proxy's own batch runner: the batch's creator had a key
+            rec.key = keys.BATCH
+        elif self.keyring.active:
+            entry = self.keyring.identify(token)
+            if entry is None or entry.expired():
+                rec.error = "missing or invalid API key" if entry is None else "API key expired"
+                message = (
+                    "Missing or invalid API key: send `Authorization: Bearer <API_KEY>`."
+                    if entry is None
+                    else f"The API key {entry.name!r} has expired."
+                )
+                await self._error(
+                    rec,
+                    send,
+                    401,
+                    message,
+                    code="invalid_api_key" if entry is None else "expired_api_key",
+                    headers=[(b"www-authenticate", b"Bearer")],
+                )
+                return
+            rec.key = entry.name
+        else:
+            rec.key = keys.ANONYMOUS
         if not self.runtime.accepting:
             await self._unavailable(rec, send)
             return
@@ -336,8 +359,10 @@ class ProxyHandler:
 
         body: bytes | StreamedBody | None
         strip_usage = False
+        is_json = False
         try:
             if ctype is not None and (ctype == _JSON or is_json_type(ctype)):
+                is_json = True
                 # A body the engine parses as JSON (whatever the method): read whole, parsed exactly
                 # as the engine will parse it, and every URL the engine could fetch checked.
                 info = inspect_json(await self._read_body(receive), path, self._log_prompts)
@@ -347,6 +372,9 @@ class ProxyHandler:
                 body = info.body
                 if info.media_urls:
                     await self._media.check(info.media_urls)
+                models = self.models
+                if models is not None and info.model is not None and info.model != models.base:
+                    body = await models.prepare(info, rec) or body
             elif method in _NO_BODY_METHODS:
                 body = await self._read_body(receive) if length not in (None, b"0") else None
             else:
@@ -364,6 +392,18 @@ class ProxyHandler:
                 rec, send, 400, f"Media URL refused: {exc}.", code="media_url_refused", param="messages"
             )
             return
+
+        # Admission control (app/admission.py): requests that make the engine work (POSTs to its API
+        # routes, not the proxy's own batch lines) go through a key's limits and the proxy's queue.
+        gate = None
+        if method == "POST" and rec.route.kind == ENGINE and rec.key != keys.BATCH:
+            if entry is not None and entry.models is not None:
+                model = (rec.model or self._default_model) if is_json else None
+                if model is None or not entry.may_use(model):
+                    await self._model_refused(rec, send, entry, model)
+                    return
+            if self.admission.needed(entry):
+                gate = (rec.key or keys.ANONYMOUS, entry)
 
         # The client's bytes, not the decoded path re-encoded: the engine routes on exactly what the
         # route table classified (the dispatcher refused anything that decodes to `?`, `#`, a
@@ -384,12 +424,24 @@ class ProxyHandler:
             body,
             int(length) if length is not None and not isinstance(body, bytes) else None,
             strip_usage,
+            gate,
         )
 
     # --- the exchange -------------------------------------------------------------------------
 
     async def _exchange(
-        self, scope, receive, send, rec: RequestRecord, method, target, headers, body, length, strip_usage
+        self,
+        scope,
+        receive,
+        send,
+        rec: RequestRecord,
+        method,
+        target,
+        headers,
+        body,
+        length,
+        strip_usage,
+        gate,
     ) -> None:
         upstream = self.upstream
         assert upstream is not None
@@ -402,9 +454,20 @@ class ProxyHandler:
         )
         resp: UpstreamResponse | None = None
         complete = False
+        ticket: Ticket | None = None
         try:
             try:
+                if gate is not None:  # may wait in the queue: a hang-up there cancels this task
+                    ticket = await self.admission.enter(gate[0], gate[1], rec)
+                    rec.response_headers = ticket.headers or None
                 resp = await upstream.request(method, target, headers, body, length=length)
+            except Refused as refused:
+                rec.rejected = refused.reason
+                rec.error = f"refused: {refused.reason}"
+                await self._error(
+                    rec, send, 429, refused.message, code=refused.reason, headers=refused.headers
+                )
+                return
             except UpstreamError as exc:
                 await self._upstream_failed(rec, send, exc)
                 return
@@ -421,6 +484,8 @@ class ProxyHandler:
                 return
             raise
         finally:
+            if ticket is not None:
+                ticket.release()
             if watch is not None:
                 watch.stop()
             if resp is not None:
@@ -441,6 +506,8 @@ class ProxyHandler:
             out_headers += _SSE_HEADERS
         rec.status = resp.status
         out_headers.append(rec.id_header)
+        if rec.response_headers:
+            out_headers += rec.response_headers
         await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
         if is_sse:
             return await self._relay_sse(resp, send, rec, watch, strip_usage)
@@ -616,6 +683,25 @@ class ProxyHandler:
         rec.error = f"unavailable: {phase.value}"
         await self._error(
             rec, send, 503, message, code="engine_unavailable", headers=[(b"retry-after", retry)]
+        )
+
+    async def _model_refused(self, rec: RequestRecord, send, entry: KeyEntry, model: str | None) -> None:
+        rec.rejected = MODEL_NOT_ALLOWED
+        rec.error = "model not allowed for the API key"
+        metrics.REJECTIONS.labels(MODEL_NOT_ALLOWED).inc()
+        allowed = ", ".join(sorted(entry.models or ()))
+        what = (
+            f"the model {model[:256]!r}"
+            if model is not None
+            else "a request whose model is not in a JSON body"
+        )
+        await self._error(
+            rec,
+            send,
+            403,
+            f"The API key {entry.name!r} may not use {what}; it may use: {allowed}.",
+            code=MODEL_NOT_ALLOWED,
+            param="model",
         )
 
     async def _too_large(self, rec: RequestRecord, send) -> None:

@@ -147,3 +147,38 @@ def test_a_failing_engine_or_store_does_not_stop_the_collector(tmp_path):
 
     collector = asyncio.run(scenario())
     assert collector.ticks == 2
+
+
+def lora_text(base_ok, math_ok, math_400, math_ttft, math_tokens):
+    """The proxy's families for a base model and a LoRA adapter (`model` label) between readings."""
+    cum = list(itertools.accumulate(math_ttft))
+    lines = [
+        f'vllm_api_requests_total{{route="/v1/completions",model="tiny",status="200"}} {base_ok}',
+        f'vllm_api_requests_total{{route="/v1/completions",model="math",status="200"}} {math_ok}',
+        f'vllm_api_requests_total{{route="/v1/completions",model="math",status="400"}} {math_400}',
+        'vllm_api_requests_total{route="/v1/completions",model="math",status="499"} 7',
+        'vllm_api_requests_total{route="/v1/completions",model="",status="404"} 50',
+        f'vllm_api_completion_tokens_total{{model="math"}} {math_tokens}',
+    ]
+    lines += [
+        f'vllm_api_time_to_first_token_seconds_bucket{{route="/v1/completions",model="math",le="{b}"}} {c}'
+        for b, c in zip(["0.01", "0.1", "+Inf"], cum, strict=True)
+    ]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def test_per_model_rows_hold_totals_and_the_windows_rates_and_ttft_per_adapter():
+    """The dashboard's per-model and per-LoRA-adapter table (app/lora/)."""
+    from app.metrics_collector import model_rows
+
+    a = snap(lora_text(5, 10, 1, (10, 0, 0), 100), 100.0)
+    b = snap(lora_text(5, 30, 3, (10, 0, 20), 500), 110.0)
+    rows = {r["model"]: r for r in model_rows(a, b)}
+    assert set(rows) == {"tiny", "math"}  # the unlabelled (refused) requests are no model's
+    math = rows["math"]
+    assert (math["requests"], math["errors"], math["completion_tokens"]) == (40, 3, 500)  # 499 is no error
+    assert math["request_rate"] == pytest.approx(2.2) and math["completion_tokens_per_s"] == pytest.approx(40)
+    assert math["error_rate"] == pytest.approx(2 / 22)
+    assert math["ttft_p50"] == math["ttft_p95"] == 0.1  # this window's streams only, all above 0.1 s
+    assert rows["tiny"]["request_rate"] == 0 and rows["tiny"]["ttft_p50"] is None
+    assert model_rows(None, b)[0]["request_rate"] is None  # no earlier reading yet

@@ -151,3 +151,38 @@ def test_only_the_first_worker_writes_history_and_runs_batches(monkeypatch):
     assert not workers.is_first() and workers.current() == (1, 2)
     workers.set_current(0, 2)
     assert workers.is_first()
+
+
+@pytest.mark.parametrize(("current", "slots", "places"), [(None, 5, 3), ((0, 2), 3, 2), ((1, 4), 2, 1)])
+def test_each_worker_admits_its_share_of_the_limits(monkeypatch, current, slots, places):
+    """Each process keeps its own queue: with N workers each takes 1/N of every limit, rounded up."""
+    from app.main import create_app
+
+    monkeypatch.setattr(workers, "_current", current)
+    app = create_app(
+        Settings(MODEL_NAME="m", MAX_CONCURRENT_REQUESTS=5, MAX_QUEUED_REQUESTS=3, USAGE_DB_PATH=":memory:")
+    )
+    admission = app.app.proxy.admission
+    assert (admission.max_concurrent, admission.max_queued) == (slots, places)
+
+
+def test_the_launchers_lora_plan_profile_and_start_up_reach_the_workers():
+    """What /info and the LoRA service read from the Runtime is the launcher's, in every worker:
+    the plan (dataclasses) through a file beside the control block, the rest in its JSON."""
+    from app.lora.config import AdapterSpec, LoraPlan
+
+    shared = workers.SharedState.create()
+    try:
+        published = workers.PublishedRuntime(shared, 2)
+        seen = workers.WorkerRuntime(workers.SharedState.attach(shared.dir), 0, 2)
+        assert seen.lora is None and seen.profile is None and seen.reloaders == []
+        plan = LoraPlan([AdapterSpec("sql", "/adapters/sql", "static", path="/adapters/sql")], enabled=True)
+        published.lora = plan
+        published.profile = {"id": "tiny", "applied": {"MAX_MODEL_LEN": 512}}
+        published.startup = {"total": 12.5}
+        published.caches = {"hf_home": "/data/huggingface", "vllm_cache_root": None}
+        assert seen.lora == plan and seen.lora is seen.lora  # read once, until it changes
+        assert seen.profile == {"id": "tiny", "applied": {"MAX_MODEL_LEN": 512}}
+        assert (seen.startup, seen.caches["hf_home"]) == ({"total": 12.5}, "/data/huggingface")
+    finally:
+        shared.close(remove=True)

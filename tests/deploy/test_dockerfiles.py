@@ -60,10 +60,27 @@ CARD = (
 )
 
 
+PROFILE_KEYS = {
+    "MAX_MODEL_LEN": "max_model_len",
+    "GPU_MEMORY_UTIL": "gpu_memory_utilization",
+    "MAX_NUM_SEQS": "max_num_seqs",
+    "MAX_BATCHED_TOKENS": "max_num_batched_tokens",
+}
+
+
 def card_defaults() -> dict[str, str]:
-    """The summary card's defaults (Qwen2-VL 7B on one GPU): the default image's ENV, their one place."""
-    env = env_of(stages(DOCKERFILE)["vllm"])
-    return {k: env[k] for k in CARD}
+    """The summary card's defaults (Qwen2-VL 7B on one GPU): their one place is that model's
+    profile in profiles/models.yaml, which MODEL_PROFILE=auto picks."""
+    import yaml
+
+    manifest = yaml.safe_load((ROOT / "profiles" / "models.yaml").read_text())
+    profile = next(
+        p for entry in manifest["models"] for p in entry["profiles"] if p["id"] == "qwen2-vl-7b-bf16-tp1"
+    )
+    card = {k: str(profile[v]) for k, v in PROFILE_KEYS.items()}
+    card["IMAGE_LIMIT"] = str(profile["limits"]["image"])
+    card["VIDEO_LIMIT"] = str(profile["limits"]["video"])
+    return card
 
 
 def args_before_from(path) -> dict[str, str]:
@@ -134,11 +151,11 @@ def test_the_summary_card_defaults_live_in_one_place_and_are_documented():
         "IMAGE_LIMIT": "5",
         "VIDEO_LIMIT": "1",
     }
-    # The TensorRT-LLM image repeats those it has flags for, with the same values.
-    trt = env_of(stages(TRTLLM)["trtllm"])
-    assert {k: trt[k] for k in CARD if k in trt} == {
-        k: card[k] for k in ("MAX_MODEL_LEN", "MAX_NUM_SEQS", "MAX_BATCHED_TOKENS")
-    }
+    # Neither image sets them: an image-wide value would override every other model's profile or
+    # computed defaults (LLaVA 1.5, 4k context, cannot start at 32k).
+    for path, stage in ((DOCKERFILE, "vllm"), (TRTLLM, "trtllm")):
+        env = env_of(stages(path)[stage])
+        assert not set(CARD) & set(env), (path.name, set(CARD) & set(env))
     quickstart = (ROOT / "QUICKSTART.md").read_text()
     for key, value in card.items():
         assert f"{key}={value}" in quickstart, key
@@ -203,3 +220,17 @@ def test_the_vllm_image_lists_its_vllm_s_flags_where_the_launcher_reads_them():
     listed = re.search(r"app\.engines\.vllm_flags (\S+)", steps[run_at][1]).group(1)
     assert steps.index(("COPY", "app/ app/")) < run_at
     assert env_of(steps)["ENGINE_FLAGS_FILE"] == listed
+
+
+def test_the_cpu_image_bakes_the_real_default_model_with_the_pins_the_tests_use():
+    cpu = stages(DOCKERFILE)["cpu"]
+    bake = next(rest for word, rest in cpu if word == "RUN" and "scripts/real_model.py /opt/models" in rest)
+    env = env_of(cpu)
+    assert (env["MODEL_NAME"], env["SERVED_MODEL_NAME"]) == ("/opt/models/smollm2", "smollm2")
+    # The conversion's packages are requirements-dev.txt's pins, installed for that step only.
+    dev = dict(
+        line.split("==") for line in (ROOT / "requirements-dev.txt").read_text().splitlines() if "==" in line
+    )
+    for package in ("gguf", "accelerate"):
+        assert f"{package}=={dev[package]}" in bake, package
+    assert "pip uninstall -y -q gguf accelerate" in bake and "rm -rf /tmp/smollm2-downloads" in bake

@@ -99,6 +99,14 @@ def test_dashboard_in_a_real_browser(text_stack, stack_logs):
                 timeout=30_000,
             )
             assert tile(page, "ttft_p50")[0].endswith(("ms", " s"))
+            # The per-key table (app/usage.py): this stack has no API keys, so its traffic is
+            # counted under `anonymous`.
+            page.wait_for_function(
+                "Number((document.querySelector('#keys-rows tr[data-key=anonymous] td:nth-child(2)')"
+                " || {textContent: '0'}).textContent.replace(/[^0-9]/g, '')) >= 16",
+                timeout=30_000,
+            )
+            assert "admission control off" in page.locator("#keys-note").inner_text()
 
             # History: the hour's charts fill from the SQLite history (a reading every 2 s).
             page.wait_for_function(

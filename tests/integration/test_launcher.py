@@ -109,6 +109,11 @@ def test_engine_refusing_its_flags_exits_1(stack_logs, tiny_models):
     ).start(wait=False)
     assert stack.wait_exit(120) == 1
     assert any(r.get("event") == "engine exited during start-up" for r in stack.records())
+    # vLLM's own argparse message, as one sentence that says what to fix.
+    assert any(
+        r.get("failure") == "flag" and r["event"].startswith("This vLLM does not know --no-such-flag")
+        for r in _error_lines(stack)
+    )
 
 
 def test_engine_not_healthy_within_startup_timeout_exits_1_and_leaves_no_engine(stack_logs, tiny_models):

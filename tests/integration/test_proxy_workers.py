@@ -194,3 +194,56 @@ def test_sigterm_drains_the_streams_of_every_worker_and_exits_0(workers_stack):
     events = [r.get("event") for r in workers_stack.records()]
     assert "drained" in events and "drain cut short" not in events
     assert not worker_pids(workers_stack)
+
+
+def key_reloads(stack: Stack) -> float:
+    text = httpx.get(stack.url + "/metrics", timeout=10).text
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "vllm_api_key_reloads_total" and s.labels.get("result") == "ok"
+    )
+
+
+def test_sighup_reloads_the_api_keys_of_every_worker(stack_logs, text_stack, tmp_path):
+    """The workers hold the keys: the launcher passes SIGHUP on. The key file is rewritten in
+    place with its old mtime and size, so the file watcher cannot see it: only the signal reloads.
+    /metrics sums the workers' reloads: exactly 2."""
+    old, new = "sk-" + "a" * 40, "sk-" + "b" * 40
+    keys = tmp_path / "keys.txt"
+    keys.write_text(old + "\n")
+    stamp = keys.stat()
+    stack = Stack(
+        stack_logs,
+        "proxy-workers-keys",
+        ENGINE="external",
+        ENGINE_URL=text_stack.engine_url,
+        MODEL_NAME="",
+        SERVED_MODEL_NAME=MODEL,
+        PROXY_WORKERS="2",
+        API_KEY_FILE=str(keys),
+    ).start(timeout=60)
+    try:
+
+        def statuses(key: str) -> set[int]:  # a new connection each: both workers answer some
+            auth = {"Authorization": f"Bearer {key}"}
+            return {
+                httpx.get(stack.url + "/v1/models", headers=auth, timeout=10).status_code for _ in range(16)
+            }
+
+        assert statuses(old) == {200} and statuses(new) == {401}
+        with open(keys, "r+") as fh:  # same inode, same size, same mtime
+            fh.write(new + "\n")
+        os.utime(keys, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+        time.sleep(2.5)  # the watcher's look (1 s) and settle time have passed
+        assert statuses(new) == {401} and key_reloads(stack) == 0
+        stack.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while key_reloads(stack) < 2:
+            assert time.monotonic() < deadline, stack.tail(20)
+            time.sleep(0.1)
+        assert statuses(new) == {200} and statuses(old) == {401}
+        assert key_reloads(stack) == 2 and len(worker_pids(stack)) == 2  # nobody died of the signal
+    finally:
+        stack.stop()

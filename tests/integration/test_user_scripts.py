@@ -49,3 +49,46 @@ def test_client_example_runs_text_and_streaming(vision_stack, tmp_path):
         str(image),
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def sections(output: str) -> dict[str, str]:
+    """client_example.py's output by example: `== name (model)` starts one."""
+    out: dict[str, str] = {}
+    name = None
+    for line in output.splitlines():
+        if line.startswith("== "):
+            name = line.split()[1]
+            out[name] = ""
+        elif name:
+            out[name] += line + "\n"
+    return out
+
+
+def test_client_example_reads_naturally_against_the_real_default_model(smollm2_stack):
+    """`make dev`, then `python client_example.py`, as the README says: real answers, and the image
+    examples skipped on a text-only model rather than failed."""
+    result = run("client_example.py", "--base-url", smollm2_stack.url + "/v1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    got = sections(result.stdout)
+    assert "Paris" in got["text"] and "completion tokens]" in got["text"], got["text"]
+    assert len(got["stream"].strip()) > 10, got["stream"]
+    assert "Zoltan" in got["conversation"], got["conversation"]
+    assert "Paris" in got["json"] and got["json"].startswith("{"), got["json"]
+    assert got["image-base64"].strip() == "skipped: smollm2 takes text only", got["image-base64"]
+    # The default image URL is on the internet: no DNS here, so the proxy refuses it before vLLM would.
+    assert (
+        got["image-url"].strip() == "skipped: smollm2 takes text only"
+        or "cannot be resolved" in got["image-url"]
+    )
+    assert "skipped (pass --image-file PATH)" in result.stdout
+
+
+def test_test_api_passes_against_the_real_default_model(smollm2_stack):
+    result = run("test_api.py", smollm2_stack.url)
+    assert result.returncode == 0, [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    lines = result.stdout.splitlines()
+    chat = next(line for line in lines if " chat " in line)
+    assert chat.startswith("PASS") and "completion tokens" in chat
+    assert any(
+        line.startswith("SKIP") and "image_base64" in line and "not a multimodal" in line for line in lines
+    )

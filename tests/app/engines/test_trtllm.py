@@ -5,6 +5,7 @@ transcription of `trtllm-serve serve`'s click options as TensorRT-LLM 1.2 define
 `tensorrt_llm/commands/serve.py` (names, aliases, types), parsed by click itself.
 """
 
+import dataclasses
 import json
 
 import click
@@ -232,3 +233,62 @@ def test_the_proxy_in_front_of_a_trtllm_serve_stand_in_serves_one_scrape_and_its
             assert not any(n.startswith("http_") for n in names)
     finally:
         server.shutdown()
+
+
+def test_pipeline_parallel_maps_to_pp_size_and_the_other_profile_settings_are_named():
+    """Settings added with model profiles (issue 16)."""
+    s = settings(PIPELINE_PARALLEL_SIZE=2, KV_CACHE_DTYPE="fp8", LOAD_FORMAT="runai_streamer")
+    assert parse(build_command(s, "/m"))["pipeline_parallel_size"] == 2
+    assert unmapped(s) == [
+        "KV_CACHE_DTYPE (set kv_cache_config.dtype in an options file of your own)",
+        "LOAD_FORMAT (trtllm-serve loads checkpoints its own way)",
+    ]
+
+
+# `tensorrt_llm/lora_helper.py` LoraConfig (TensorRT-LLM 1.2), the LLM API's `lora_config` option, as
+# a transcription: its fields and their types. What ours writes must be accepted by it.
+@dataclasses.dataclass
+class TrtllmLoraConfig:
+    lora_dir: list = dataclasses.field(default_factory=list)
+    lora_ckpt_source: str = "hf"
+    max_lora_rank: int = 64
+    lora_target_modules: list = dataclasses.field(default_factory=list)
+    trtllm_modules_to_hf_modules: dict = dataclasses.field(default_factory=dict)
+    max_loras: int | None = None
+    max_cpu_loras: int | None = None
+    swap_gate_up_proj: bool = True
+
+
+# get_default_trtllm_modules_to_hf_modules(), the dense entries
+TRTLLM_TO_HF = {
+    "attn_q": "q_proj",
+    "attn_k": "k_proj",
+    "attn_v": "v_proj",
+    "attn_dense": "o_proj",
+    "mlp_h_to_4h": "gate_proj",
+    "mlp_4h_to_h": "down_proj",
+    "mlp_gate": "up_proj",
+    "mlp_gate_up": "gate_up_proj",
+}
+
+
+def test_lora_adapters_go_into_the_options_files_lora_config_and_what_it_cannot_do_is_named(tmp_path):
+    from app.lora.config import build_plan
+    from scripts.tiny_adapters import build_adapter
+
+    a8 = build_adapter(tmp_path / "a8", 8)
+    a16 = build_adapter(tmp_path / "a16", 16, seed=2)
+    s = settings(LORA_MODULES=f"a={a8},b={a16}", LORA_DYNAMIC=True, MAX_LORAS=2)
+    plan = build_plan(s)
+    options = json.loads(config_files(s, lora=plan)[options_path(s)])
+    lora = TrtllmLoraConfig(**options["lora_config"])  # unknown keys would raise here
+    assert lora.lora_dir == [str(a8), str(a16)]
+    assert (lora.max_lora_rank, lora.max_loras, lora.max_cpu_loras) == (16, 2, None)
+    assert {TRTLLM_TO_HF[m] for m in lora.lora_target_modules} == {"q_proj", "v_proj"}
+    assert "lora" not in " ".join(build_command(s, "/m", lora=plan))  # the options file only
+    assert unmapped(s) == [
+        "LORA_DYNAMIC (trtllm-serve cannot load or unload LoRA adapters at run time)",
+        "LoRA adapters by `model` (trtllm-serve loads the configured adapters at start; a request "
+        "picks one with the body's `lora_request`: lora_name, lora_int_id, lora_path)",
+    ]
+    assert not plan.dynamic

@@ -136,3 +136,49 @@ def test_media_domains_are_passed_to_vllm_and_redirects_are_off_by_default():
     assert argv[i + 1 : i + 3] == ["images.example.com", "cdn.example.org"]
     assert engine_env({})["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "0"
     assert engine_env({"VLLM_MEDIA_URL_ALLOW_REDIRECTS": "1"})["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "1"
+
+
+def test_profile_settings_pass_their_flags_and_vllms_parser_takes_them():
+    """PIPELINE_PARALLEL_SIZE, KV_CACHE_DTYPE and LOAD_FORMAT (model profiles, issue 16)."""
+
+
+def test_lora_plan_becomes_flags_vllms_own_parser_reads():
+    """LoRA (app/lora/): on, its limits, and the adapters loaded at start in --lora-modules' JSON
+    form (a path with a comma or `=` survives), parsed by vLLM's real parser."""
+    pytest.importorskip("vllm", reason="vllm is installed by `make venv`")
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    s = settings(PIPELINE_PARALLEL_SIZE=2, KV_CACHE_DTYPE="fp8", LOAD_FORMAT="runai_streamer")
+    argv = build_command(s, "/m")
+    assert " ".join(argv[3:]).endswith(
+        "--pipeline-parallel-size 2 --kv-cache-dtype fp8 --load-format runai_streamer"
+    )
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(flags(argv))
+    assert (args.pipeline_parallel_size, args.kv_cache_dtype, args.load_format) == (
+        2,
+        "fp8",
+        "runai_streamer",
+    )
+    from app.lora.config import AdapterSpec, LoraPlan
+
+    plan = LoraPlan(
+        adapters=[
+            AdapterSpec("sql", "/a/s,q=l", "static", base_model_name="org/model", path="/a/s,q=l"),
+            AdapterSpec("lazy", "/a/lazy", "config", at_start=False, path="/a/lazy"),
+            AdapterSpec("chat", "org/chat-lora", "dir", path="/cache/snap/chat"),
+        ],
+        enabled=True,
+        max_lora_rank=32,
+        max_loras=2,
+        max_cpu_loras=4,
+    )
+    argv = build_command(settings(), "/m", lora=plan)
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(flags(argv))
+    assert args.enable_lora is True
+    assert (args.max_lora_rank, args.max_loras, args.max_cpu_loras) == (32, 2, 4)
+    assert [(m.name, m.path, m.base_model_name) for m in args.lora_modules] == [
+        ("sql", "/a/s,q=l", "org/model"),
+        ("chat", "/cache/snap/chat", None),
+    ]  # `lazy` loads on first use, through the runtime route
+    assert "--enable-lora" not in build_command(settings(), "/m", lora=LoraPlan())
