@@ -40,6 +40,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON records of a stack's log (lines that are not JSON, vLLM's own, are skipped)."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
 class Stack:
     def __init__(self, log_dir: Path, name: str, **env: str) -> None:
         self.port = free_port()
@@ -127,14 +139,7 @@ class Stack:
             return ""
 
     def records(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-        return out
+        return read_records(self.log_path)
 
     def request_log(self, request_id: str, timeout: float = 5) -> dict[str, Any]:
         """The canonical log line of one request (written when the response ends)."""

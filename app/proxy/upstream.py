@@ -295,6 +295,17 @@ class _Connection(asyncio.Protocol):
                     self._write_timer = None
         return True
 
+    async def _wait_data(self, timeout: float) -> None:
+        """Until the engine sends bytes, ends or fails; the idle watchdog is armed once per read."""
+        self._waiter = waiter = self._loop.create_future()
+        if self._watchdog is None:
+            self._idle_timeout = timeout
+            self._watchdog = self._loop.call_at(self._last_data + timeout, self._check_idle)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
     async def read(self, timeout: float) -> bytes:
         """The next body bytes, b"" at the end; raises UpstreamError after `timeout` seconds
         without a byte from the engine."""
@@ -303,14 +314,7 @@ class _Connection(asyncio.Protocol):
                 raise self._error
             if self._complete:
                 return b""
-            self._waiter = waiter = self._loop.create_future()
-            if self._watchdog is None:
-                self._idle_timeout = timeout
-                self._watchdog = self._loop.call_at(self._last_data + timeout, self._check_idle)
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+            await self._wait_data(timeout)
         if len(self._chunks) == 1:
             chunk = self._chunks.popleft()
         else:  # several arrived while nobody was reading: hand them on as one
@@ -384,14 +388,7 @@ class _Connection(asyncio.Protocol):
                 raise self._error
             if self._complete:
                 return
-            self._waiter = waiter = self._loop.create_future()
-            if self._watchdog is None:
-                self._idle_timeout = timeout
-                self._watchdog = self._loop.call_at(self._last_data + timeout, self._check_idle)
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+            await self._wait_data(timeout)
 
     @property
     def reusable(self) -> bool:

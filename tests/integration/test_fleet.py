@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from scripts import fleet as fleet_runner
 from scripts.fleet import Fleet
-from stack import CPU_ENV, ROOT, free_port
+from stack import CPU_ENV, ROOT, free_port, read_records
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -59,14 +59,7 @@ def fleet(tiny_models, stack_logs):
 
 
 def records(replica) -> list[dict]:
-    out = []
-    for line in replica.log_path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return out
+    return read_records(replica.log_path)
 
 
 def request_lines(replica) -> list[dict]:
