@@ -182,10 +182,31 @@ TABLE: tuple[Route, ...] = (
     _admin("/weight_info"),
     _admin("/weight_checker"),
     _admin("/get_world_size"),
+    # --- TensorRT-LLM's trtllm-serve (ENGINE=trtllm) beyond the routes above ------------------
+    # (tensorrt_llm/serve/openai_server.py, register_routes; vLLM answers them 404)
+    _engine("/health_generate"),  # a one-token generation: the engine can really answer
+    _admin("/perf_metrics"),  # timings of recent requests
+    _admin("/energy_metrics"),
+    _admin("/steady_clock_offset"),  # clock sync for disaggregated serving
+    _admin("/kv_cache_events"),
+    _admin("/v1/data_transceiver_state"),
     # --- vLLM's, not relayed -----------------------------------------------------------------
     _refused("/v1/realtime"),  # a WebSocket: the proxy relays HTTP only
     _refused("/metrics{path:path}"),  # vLLM mounts its metrics app on every path under /metrics
 )
+
+TRTLLM_ONLY = frozenset(
+    {
+        "/health_generate",
+        "/perf_metrics",
+        "/energy_metrics",
+        "/steady_clock_offset",
+        "/kv_cache_events",
+        "/v1/data_transceiver_state",
+    }
+)
+"""trtllm-serve's routes that vLLM lacks (tests/app/test_routes.py leaves them out of its check
+that every engine route is one of vLLM's)."""
 
 _PARAM = re.compile(r"\{(\w+)(:path)?\}")
 

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from app.routes import ADMIN, ENGINE, LOCAL, REFUSED, TABLE, classify, route_label
+from app.routes import ADMIN, ENGINE, LOCAL, REFUSED, TABLE, TRTLLM_ONLY, classify, route_label
 
 
 @pytest.mark.parametrize(
@@ -91,7 +91,16 @@ def test_every_engine_route_in_the_table_is_one_vllm_defines(vllm_probe):
     theirs = {r for r in vllm_probe["routes"] if isinstance(r, str)}
     theirs |= {r["mount"] + "/{path:path}" for r in vllm_probe["routes"] if isinstance(r, dict)}
     ours = {r.path for r in TABLE if r.kind in (ENGINE, ADMIN)}
-    assert ours - theirs == set()
+    assert ours - theirs == TRTLLM_ONLY
+    assert not TRTLLM_ONLY & theirs  # a route vLLM gained belongs with vLLM's
+
+
+def test_trtllm_serves_routes_are_passed_on_and_its_internals_need_the_admin_key():
+    """ENGINE=trtllm: trtllm-serve's own routes (tensorrt_llm/serve/openai_server.py) are not
+    404'd by the proxy; the deeper health check takes an API key, the rest the admin key."""
+    assert classify("/health_generate").kind == ENGINE
+    for path in TRTLLM_ONLY - {"/health_generate"}:
+        assert classify(path).kind == ADMIN, path
 
 
 def test_the_admin_routes_the_issue_names_are_admin():
