@@ -46,7 +46,7 @@ class Result:
     tokens_from_usage: bool = True  # False: counted from content events (the server sent no usage)
     status: int | None = None  # HTTP status; None when no response came
     error: str | None = None
-    output_chars: int = 0  # characters of the answer's content (0: no content event, no TTFT)
+    output_chars: int = 0  # characters of the answer's content (0: its tokens decoded to no text)
     text: str = field(default="", repr=False)  # the answer (multi-round history); not saved
 
     @property
@@ -159,10 +159,10 @@ class Client:
     async def chat(self, body: dict[str, Any], result: Result) -> Result:
         """Send one chat completion and fill `result` with its timings, tokens and any error.
 
-        TTFT is taken when the read holding the first event with generated output (text,
-        reasoning or a tool call) arrives; latency when the body ends. Tokens come from the
-        engine's `usage` (the stream asks for it with `stream_options.include_usage`). A stream
-        whose tokens decode to no text (vLLM then sends no content event) has no TTFT or TPOT.
+        TTFT is taken when the read holding the first event that reports a generated token
+        arrives (text, reasoning, a tool call, or a token whose text is still empty: the proxy's
+        rule, app/proxy/sse.py); latency when the body ends. Tokens come from the engine's `usage`
+        (the stream asks for it with `stream_options.include_usage`).
         """
         stream = bool(body.get("stream"))
         headers = {**self.headers, "X-Request-ID": result.request_id}

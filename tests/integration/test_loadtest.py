@@ -50,17 +50,18 @@ def test_numbers_are_consistent_and_the_tokens_are_the_engines(text_stack, tmp_p
     for r in requests:
         assert r["ok"] and r["status"] == 200 and r["tokens_from_usage"]
         assert r["completion_tokens"] == 6
-        # Random weights: tokens may decode to no text, and then vLLM sends no content event.
-        assert (r["ttft_s"] is not None) == (r["output_chars"] > 0)
-        if r["ttft_s"] is not None:
-            assert 0 < r["ttft_s"] <= r["latency_s"] and r["tpot_s"] > 0
+        # TTFT at the first event that reports a generated token, whether or not its text is empty
+        # (random weights' tokens may all decode to ""): the proxy's rule (app/proxy/sse.py).
+        assert r["ttft_s"] is not None and 0 < r["ttft_s"] <= r["latency_s"] and r["tpot_s"] > 0
         # The proxy measured the same request from the inside: the same usage, and less time.
         line = text_stack.request_log(r["request_id"])
         assert (line["prompt_tokens"], line["completion_tokens"]) == (
             r["prompt_tokens"],
             r["completion_tokens"],
         )
-        assert line["duration_ms"] / 1000 <= r["latency_s"]
+        # The proxy's clock starts after the client's and stops after its own bookkeeping (the log
+        # line, the accounting), which can end after the client read [DONE]: a few ms of slack.
+        assert line["duration_ms"] / 1000 <= r["latency_s"] + 0.01
         assert (line["ttft_ms"] is None) == (r["ttft_s"] is None)  # the same definition of TTFT
         if r["ttft_s"] is not None:
             assert line["ttft_ms"] / 1000 <= r["ttft_s"]
@@ -156,10 +157,8 @@ def test_multi_round_hit_rate_rises_from_round_two(text_stack, tmp_path):
     for user in (0, 1):
         counts = [r["prompt_tokens"] for r in report["requests"] if r["user"] == user]
         assert len(counts) == 3 and counts[0] < counts[1] < counts[2], counts
-    for r in rounds:  # TTFT for every answer with text (random weights may give none)
-        with_text = [q for q in report["requests"] if q["round"] == r["round"] and q["output_chars"] > 0]
-        assert r["ttft_s"]["count"] == len(with_text)
-    assert any(r["ttft_s"]["count"] for r in rounds)
+    for r in rounds:  # a TTFT for every answer: each streamed tokens, text or not
+        assert r["ttft_s"]["count"] == r["ok"] == 2
     assert "Per round" in proc.stdout
     whole = report["summary"]["engine"]
     assert whole["prefix_cache_queries"] == sum(r["engine"]["prefix_cache_queries"] for r in rounds)

@@ -29,6 +29,10 @@ GPU_PANELS = {"GPU memory used", "GPU utilization", "GPU temperature and power"}
 """Panels fed only by the NVML gauges: no data without an NVIDIA GPU."""
 
 
+class _NotReady(Exception):
+    pass
+
+
 class Prometheus:
     def __init__(self, target: str, workdir) -> None:
         self.port = free_port()
@@ -61,6 +65,8 @@ class Prometheus:
 
     def query(self, expr: str) -> dict:
         r = httpx.get(self.url + "/api/v1/query", params={"query": expr}, timeout=10)
+        if r.status_code == 503:  # "Service Unavailable" (plain text) until its storage is open
+            raise _NotReady
         body = r.json()
         assert r.status_code == 200 and body["status"] == "success", (expr, body)
         return body["data"]
@@ -74,7 +80,7 @@ class Prometheus:
                 result = self.query(expr)["result"]
                 if predicate(result):
                     return result
-            except httpx.HTTPError:
+            except (httpx.HTTPError, _NotReady):
                 pass
             time.sleep(0.5)
         raise AssertionError(f"{expr}: {result}")
