@@ -46,7 +46,8 @@ ANONYMOUS = "anonymous"
 ADMIN = "admin"
 """The name of requests made with ADMIN_API_KEY."""
 BATCH = "batch"
-"""The name batch lines (app/batch/) are counted under: the proxy's own runner sends them."""
+"""The name batch lines (app/batch/) are counted under when their batch records no owner (made
+before owners were); otherwise they count under the key that made the batch."""
 RESERVED = frozenset({ANONYMOUS, ADMIN, BATCH})
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

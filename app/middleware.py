@@ -27,6 +27,9 @@ RECORD_KEY = "app.record"
 BATCH_KEY = "app.batch_id"
 """Set in the scope of a batch line (app/batch/runner.py) to the batch's id: the request log line
 carries it. Only the runner builds such scopes: no client can set it."""
+BATCH_OWNER_KEY = "app.batch_owner"
+"""Beside BATCH_KEY: the name of the API key that made the batch ('' if unknown). The line is
+logged and counted under it (app/proxy/handler.py)."""
 REFUSED_KEY = "app.refused"
 """Set by the HTTP server (app/server.py) when it refused a request the app had already been given
 (its body broke HTTP's framing): `(status, error)`, what the client got, for the request's line."""

@@ -9,7 +9,8 @@ FLUSH_S seconds (and when the app stops, and before a usage query) as one transa
 upserts into per-minute rows. Several processes may write the same file (WAL, each adds its own
 counts), so usage is whole across proxy processes and restarts; a process killed outright loses at
 most its last FLUSH_S seconds. Minute rows older than ROLLUP_AFTER_S are folded into one row per day.
-Tokens are the engine's own usage report; `errors` counts answers of 400 and above and hang-ups
+A batch's lines (app/batch/) count under the key that made the batch, but not against that key's
+live limits (its tpm). Tokens are the engine's own usage report; `errors` counts answers of 400 and above and hang-ups
 (499), `rate_limited` the 429s of the proxy's admission control (app/admission.py) among them.
 """
 
@@ -234,7 +235,7 @@ class Accounting:
             prompt_tokens.inc(prompt)
         if completion:
             completion_tokens.inc(completion)
-        if prompt or completion:
+        if (prompt or completion) and rec.batch_id is None:  # batch lines: usage, not live limits
             self.admission.charge(rec.key, prompt + completion)
         self.usage.record(rec.key, status, prompt, completion, rec.rejected is not None and status == 429)
 

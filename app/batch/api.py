@@ -6,7 +6,11 @@
 
 Shapes are OpenAI's (the SDK's `FileObject`, `Batch`, `FileDeleted`, cursor pages); errors are
 OpenAI-shaped (`app/errors.py`). The dispatcher in app/main.py sends these paths here after the
-API-key check.
+API-key check, with the caller's key name in the request record.
+
+Files and batches belong to the key that made them (a batch's output and error files to the batch's
+key): a key lists and reaches only its own, and the public ones (app/batch/store.py PUBLIC); another
+key's id answers the 404 of an unknown id. Without API keys every caller sees everything.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from starlette.responses import FileResponse
 from app.batch.store import TERMINAL, Store, new_batch_doc, now
 from app.batch.validate import ENDPOINTS
 from app.errors import error_body
+from app.keys import ANONYMOUS
+from app.middleware import RECORD_KEY
 from app.runtime import Phase
 
 PATHS = ("/v1/files", "/v1/batches")
@@ -90,6 +96,17 @@ def _bounded(receive: Any, limit: int) -> Any:
     return wrapped
 
 
+def caller(request: Request) -> str:
+    """The name of the key the request was made with (set by the dispatcher)."""
+    return request.scope[RECORD_KEY].key or ANONYMOUS
+
+
+def seen_by(request: Request) -> str | None:
+    """The owner whose rows the caller may see; None (every row) when the server has no keys."""
+    name = caller(request)
+    return None if name == ANONYMOUS else name
+
+
 def build(service: Any) -> FastAPI:
     """The sub-app; `service` is the BatchService (store, runner, limits, runtime)."""
     api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
@@ -116,14 +133,14 @@ def build(service: Any) -> FastAPI:
         if service.runtime.phase in (Phase.DRAINING, Phase.STOPPED):
             raise ApiError(503, "The server is shutting down; retry shortly.", code="engine_unavailable")
 
-    async def get_file(file_id: str) -> dict:
-        doc = await (await store()).run(Store.get_file, file_id)
+    async def get_file(request: Request, file_id: str) -> dict:
+        doc = await (await store()).run(Store.get_file, file_id, seen_by(request))
         if doc is None:
             raise ApiError(404, f"No such File object: {file_id}", param="id")
         return doc
 
-    async def get_batch(batch_id: str) -> dict:
-        doc = await (await store()).run(Store.get_batch, batch_id)
+    async def get_batch(request: Request, batch_id: str) -> dict:
+        doc = await (await store()).run(Store.get_batch, batch_id, seen_by(request))
         if doc is None:
             raise ApiError(404, f"No batch found with id '{batch_id}'.", param="batch_id")
         return doc
@@ -170,7 +187,8 @@ def build(service: Any) -> FastAPI:
                 size = await asyncio.to_thread(_copy, upload, tmp, limit)
                 if size is None:
                     raise ApiError(413, f"File larger than BATCH_MAX_FILE_MB ({limit} bytes).", param="file")
-                doc = await st.run(Store.add_file, tmp, upload.filename or "upload.jsonl", purpose)
+                name = upload.filename or "upload.jsonl"
+                doc = await st.run(Store.add_file, tmp, name, purpose, caller(request))
                 tmp = None
             finally:
                 if tmp is not None:
@@ -187,25 +205,30 @@ def build(service: Any) -> FastAPI:
         if order not in ("asc", "desc"):
             raise ApiError(400, "Invalid 'order': expected 'asc' or 'desc'.", param="order")
         data, more = await (await store()).run(
-            Store.list_files, q.get("after"), _limit(request, 10000, 10000), order, q.get("purpose")
+            Store.list_files,
+            q.get("after"),
+            _limit(request, 10000, 10000),
+            order,
+            q.get("purpose"),
+            seen_by(request),
         )
         return _page(data, more)
 
     @api.get("/v1/files/{file_id}")
-    async def retrieve_file(file_id: str) -> Response:
-        return _json(await get_file(file_id))
+    async def retrieve_file(request: Request, file_id: str) -> Response:
+        return _json(await get_file(request, file_id))
 
     @api.get("/v1/files/{file_id}/content")
-    async def file_content(file_id: str) -> Response:
-        await get_file(file_id)
+    async def file_content(request: Request, file_id: str) -> Response:
+        await get_file(request, file_id)
         path: Path = (await store()).root / "files" / file_id
         return FileResponse(path, media_type="application/octet-stream")
 
     @api.delete("/v1/files/{file_id}")
-    async def delete_file(file_id: str) -> Response:
+    async def delete_file(request: Request, file_id: str) -> Response:
         writable()
         st = await store()
-        await get_file(file_id)
+        await get_file(request, file_id)
         user = await st.run(Store.file_in_use, file_id)
         if user is not None:
             raise ApiError(
@@ -254,7 +277,7 @@ def build(service: Any) -> FastAPI:
                 param="metadata",
             )
         st = await store()
-        file = await st.run(Store.get_file, body["input_file_id"])
+        file = await st.run(Store.get_file, body["input_file_id"], seen_by(request))  # the caller's
         if file is None:
             raise ApiError(404, f"No such File object: {body['input_file_id']}", param="input_file_id")
         if file["purpose"] != "batch":
@@ -265,25 +288,25 @@ def build(service: Any) -> FastAPI:
                 param="input_file_id",
             )
         doc = new_batch_doc(file["id"], body["endpoint"], metadata)
-        await st.run(Store.add_batch, doc)
+        await st.run(Store.add_batch, doc, caller(request))
         service.runner.wake()
         return _json(doc)
 
     @api.get("/v1/batches")
     async def list_batches(request: Request) -> Response:
         data, more = await (await store()).run(
-            Store.list_batches, request.query_params.get("after"), _limit(request, 20, 100)
+            Store.list_batches, request.query_params.get("after"), _limit(request, 20, 100), seen_by(request)
         )
         return _page(data, more)
 
     @api.get("/v1/batches/{batch_id}")
-    async def retrieve_batch(batch_id: str) -> Response:
-        return _json(await get_batch(batch_id))
+    async def retrieve_batch(request: Request, batch_id: str) -> Response:
+        return _json(await get_batch(request, batch_id))
 
     @api.post("/v1/batches/{batch_id}/cancel")
-    async def cancel_batch(batch_id: str) -> Response:
+    async def cancel_batch(request: Request, batch_id: str) -> Response:
         writable()
-        await get_batch(batch_id)
+        await get_batch(request, batch_id)
 
         def cancel(doc: dict) -> dict | None:
             if doc["status"] in ("validating", "in_progress"):

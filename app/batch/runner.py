@@ -38,7 +38,7 @@ from app import metrics
 from app.batch.store import TERMINAL, AsyncStore, Result, Store, now
 from app.batch.validate import Line, LineError, Parsed, parse_input, read_body
 from app.logs import get_logger
-from app.middleware import BATCH_KEY
+from app.middleware import BATCH_KEY, BATCH_OWNER_KEY
 from app.runtime import Phase, Runtime
 
 log = get_logger("app.batch")
@@ -132,10 +132,10 @@ class Runner:
         try:
             while True:
                 self._wake.clear()
-                for doc in await self.store.run(Store.unfinished):
+                for doc, owner in await self.store.run(Store.unfinished):
                     job = self.jobs.get(doc["id"])
                     if job is None:
-                        job = self.jobs[doc["id"]] = Job(self, doc)
+                        job = self.jobs[doc["id"]] = Job(self, doc, owner)
                         job.task = asyncio.ensure_future(job.run())
                         job.task.add_done_callback(lambda _t, i=doc["id"]: self.jobs.pop(i, None))
                     elif doc["status"] == "cancelling":
@@ -191,9 +191,10 @@ class Runner:
     # --- one request ----------------------------------------------------------------------------
 
     async def send(
-        self, batch_id: str, path: str, body: bytes, rid: str, gone: asyncio.Event
+        self, batch_id: str, path: str, body: bytes, rid: str, gone: asyncio.Event, owner: str = ""
     ) -> tuple[int, bytes] | None:
-        """(status, body) of the app's answer, or None if the line hung up before it was complete."""
+        """(status, body) of the app's answer, or None if the line hung up before it was complete.
+        `owner`: the batch's key, whose usage the line is."""
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
@@ -216,6 +217,7 @@ class Runner:
             "server": None,
             "state": {},
             BATCH_KEY: batch_id,
+            BATCH_OWNER_KEY: owner,
         }
         sent = False
 
@@ -253,11 +255,12 @@ class Runner:
 class Job:
     """One batch, from validation to its output files."""
 
-    def __init__(self, runner: Runner, doc: dict) -> None:
+    def __init__(self, runner: Runner, doc: dict, owner: str = "") -> None:
         self.runner = runner
         self.store = runner.store
         self.id: str = doc["id"]
         self.doc = doc
+        self.owner = owner
         self.task: asyncio.Task | None = None
         self.stop = asyncio.Event()  # cancel, expiry or shutdown: start no more lines
         self.halted = False  # shutdown: end without finalizing
@@ -395,7 +398,7 @@ class Job:
         try:
             body = await asyncio.get_running_loop().run_in_executor(None, read_body, fd, line)
             rid = request_id()
-            answer = await runner.send(self.id, self.doc["endpoint"], body, rid, gone)
+            answer = await runner.send(self.id, self.doc["endpoint"], body, rid, gone, self.owner)
             if answer is None:  # hung up: cancel, expiry or shutdown; not recorded
                 return
             status, payload = answer

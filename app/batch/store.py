@@ -10,6 +10,11 @@ into the output file) is a row keyed by (batch, line number), inserted with the 
 one transaction; a line already recorded is never recorded again. The output and error files are
 written from those rows at the end, in input order.
 
+Owners: each file and batch belongs to the API key that made it (its name, `owner`); the output and
+error files to their batch's. Reads given an owner see that owner's rows and the public ones (PUBLIC:
+rows made before owners were recorded, or while the server had no API key); reads without one see
+every row.
+
 The connection is used from one thread only: `AsyncStore` runs every call on its own single-thread
 executor, and commits the results that arrive together in one transaction (one fsync for many lines).
 """
@@ -29,6 +34,8 @@ from typing import Any, TypeVar
 
 import orjson
 
+from app.keys import ANONYMOUS
+
 T = TypeVar("T")
 
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
@@ -41,7 +48,8 @@ CREATE TABLE IF NOT EXISTS files (
     filename TEXT NOT NULL,
     purpose TEXT NOT NULL,
     bytes INTEGER NOT NULL,
-    created_at INTEGER NOT NULL
+    created_at INTEGER NOT NULL,
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS batches (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -49,7 +57,8 @@ CREATE TABLE IF NOT EXISTS batches (
     doc TEXT NOT NULL,
     status TEXT NOT NULL,
     output_id TEXT NOT NULL,
-    error_id TEXT NOT NULL
+    error_id TEXT NOT NULL,
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS results (
     batch_id TEXT NOT NULL,
@@ -59,6 +68,16 @@ CREATE TABLE IF NOT EXISTS results (
     PRIMARY KEY (batch_id, line)
 ) WITHOUT ROWID;
 """
+
+
+PUBLIC = ("", ANONYMOUS)
+"""Owners whose rows every key sees: '' (made by a version that recorded no owner) and ANONYMOUS
+(made while the server required no key); hiding them would hide a user's batches after an upgrade."""
+
+
+def _visible(owner: str | None) -> tuple[str, tuple[str, ...]]:
+    """The SQL condition (to append to a WHERE) and its arguments: rows `owner` may see."""
+    return ("", ()) if owner is None else (" AND owner IN (?, ?, ?)", (owner, *PUBLIC))
 
 
 def new_id(prefix: str) -> str:
@@ -140,6 +159,7 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
+        self._add_owner_columns()
         self._remove_orphans()
 
     @property
@@ -148,6 +168,28 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+    def _add_owner_columns(self) -> None:
+        """A database written before owners were recorded gets the column (its rows: owner '').
+        Checked again inside the transaction: another proxy process may be opening it too."""
+
+        def missing() -> list[str]:
+            return [
+                table
+                for table in ("files", "batches")
+                if "owner" not in {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            ]
+
+        if not missing():
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for table in missing():
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def _remove_orphans(self) -> None:
         known = {row[0] for row in self.db.execute("SELECT id FROM files")}
@@ -160,16 +202,18 @@ class Store:
     def path_of(self, file_id: str) -> Path:
         return self.files_dir / file_id
 
-    def add_file(self, tmp: Path, filename: str, purpose: str, file_id: str | None = None) -> dict:
-        """Make a fully written temporary file (under files_dir, fsynced) a stored file."""
+    def add_file(
+        self, tmp: Path, filename: str, purpose: str, owner: str = "", file_id: str | None = None
+    ) -> dict:
+        """Make a fully written temporary file (under files_dir, fsynced) a stored file of `owner`."""
         file_id = file_id or new_id("file-")
         size = tmp.stat().st_size
         os.replace(tmp, self.path_of(file_id))
         _fsync_dir(self.files_dir)
         created = now()
         self.db.execute(
-            "INSERT INTO files (id, filename, purpose, bytes, created_at) VALUES (?, ?, ?, ?, ?)",
-            (file_id, filename, purpose, size, created),
+            "INSERT INTO files (id, filename, purpose, bytes, created_at, owner) VALUES (?, ?, ?, ?, ?, ?)",
+            (file_id, filename, purpose, size, created, owner),
         )
         return self.file_doc((file_id, filename, purpose, size, created))
 
@@ -191,24 +235,32 @@ class Store:
             "status_details": None,
         }
 
-    def get_file(self, file_id: str) -> dict | None:
+    def get_file(self, file_id: str, owner: str | None = None) -> dict | None:
+        """The file; None if there is none, or `owner` (when given) may not see it."""
+        mine, args = _visible(owner)
         row = self.db.execute(
-            "SELECT id, filename, purpose, bytes, created_at FROM files WHERE id = ?", (file_id,)
+            f"SELECT id, filename, purpose, bytes, created_at FROM files WHERE id = ?{mine}", (file_id, *args)
         ).fetchone()
         return self.file_doc(row) if row else None
 
     def list_files(
-        self, after: str | None, limit: int, order: str = "desc", purpose: str | None = None
+        self,
+        after: str | None,
+        limit: int,
+        order: str = "desc",
+        purpose: str | None = None,
+        owner: str | None = None,
     ) -> tuple[list[dict], bool]:
-        sql = "SELECT id, filename, purpose, bytes, created_at FROM files WHERE 1=1"
-        args: list[Any] = []
+        mine, visible = _visible(owner)
+        sql = f"SELECT id, filename, purpose, bytes, created_at FROM files WHERE 1=1{mine}"
+        args: list[Any] = [*visible]
         if purpose:
             sql += " AND purpose = ?"
             args.append(purpose)
-        if after:
+        if after:  # a cursor the caller may not see is no cursor: ids cannot be probed
             cmp = "<" if order == "desc" else ">"
-            sql += f" AND seq {cmp} coalesce((SELECT seq FROM files WHERE id = ?), -1)"
-            args.append(after)
+            sql += f" AND seq {cmp} coalesce((SELECT seq FROM files WHERE id = ?{mine}), -1)"
+            args.extend((after, *visible))
         sql += f" ORDER BY seq {'DESC' if order == 'desc' else 'ASC'} LIMIT ?"
         args.append(limit + 1)
         rows = self.db.execute(sql, args).fetchall()
@@ -232,32 +284,37 @@ class Store:
 
     # --- batches --------------------------------------------------------------------------------
 
-    def add_batch(self, doc: dict) -> dict:
+    def add_batch(self, doc: dict, owner: str = "") -> dict:
         self.db.execute(
-            "INSERT INTO batches (id, doc, status, output_id, error_id) VALUES (?, ?, ?, ?, ?)",
-            (doc["id"], orjson.dumps(doc), doc["status"], new_id("file-"), new_id("file-")),
+            "INSERT INTO batches (id, doc, status, output_id, error_id, owner) VALUES (?, ?, ?, ?, ?, ?)",
+            (doc["id"], orjson.dumps(doc), doc["status"], new_id("file-"), new_id("file-"), owner),
         )
         return doc
 
-    def get_batch(self, batch_id: str) -> dict | None:
-        row = self.db.execute("SELECT doc FROM batches WHERE id = ?", (batch_id,)).fetchone()
+    def get_batch(self, batch_id: str, owner: str | None = None) -> dict | None:
+        """The batch; None if there is none, or `owner` (when given) may not see it."""
+        mine, args = _visible(owner)
+        row = self.db.execute(f"SELECT doc FROM batches WHERE id = ?{mine}", (batch_id, *args)).fetchone()
         return orjson.loads(row[0]) if row else None
 
-    def list_batches(self, after: str | None, limit: int) -> tuple[list[dict], bool]:
+    def list_batches(
+        self, after: str | None, limit: int, owner: str | None = None
+    ) -> tuple[list[dict], bool]:
         """Newest first, as OpenAI lists them."""
-        sql, args = "SELECT doc FROM batches", []
+        mine, visible = _visible(owner)
+        sql, args = f"SELECT doc FROM batches WHERE 1=1{mine}", [*visible]
         if after:
-            sql += " WHERE seq < coalesce((SELECT seq FROM batches WHERE id = ?), -1)"
-            args.append(after)
+            sql += f" AND seq < coalesce((SELECT seq FROM batches WHERE id = ?{mine}), -1)"
+            args.extend((after, *visible))
         rows = self.db.execute(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit + 1)).fetchall()
         return [orjson.loads(r[0]) for r in rows[:limit]], len(rows) > limit
 
-    def unfinished(self) -> list[dict]:
-        """Batches to (re)start, oldest first."""
+    def unfinished(self) -> list[tuple[dict, str]]:
+        """Batches to (re)start, oldest first, with their owners."""
         rows = self.db.execute(
-            "SELECT doc FROM batches WHERE status NOT IN (?, ?, ?, ?) ORDER BY seq", tuple(TERMINAL)
+            "SELECT doc, owner FROM batches WHERE status NOT IN (?, ?, ?, ?) ORDER BY seq", tuple(TERMINAL)
         ).fetchall()
-        return [orjson.loads(r[0]) for r in rows]
+        return [(orjson.loads(r[0]), r[1]) for r in rows]
 
     def update_batch(self, batch_id: str, change: Callable[[dict], dict | None]) -> dict | None:
         """Read, change and write one batch in one transaction; `change` returns None to leave it."""
@@ -331,9 +388,9 @@ class Store:
         """Write the output and error files (input order) and end the batch with `status`.
         Idempotent: a crash half-way is finished by calling it again."""
         row = self.db.execute(
-            "SELECT doc, output_id, error_id FROM batches WHERE id = ?", (batch_id,)
+            "SELECT doc, output_id, error_id, owner FROM batches WHERE id = ?", (batch_id,)
         ).fetchone()
-        doc, output_id, error_id = orjson.loads(row[0]), row[1], row[2]
+        doc, output_id, error_id, owner = orjson.loads(row[0]), row[1], row[2], row[3]
         if doc["status"] in TERMINAL:
             return doc
         written: dict[str, tuple[Path, str]] = {}
@@ -357,7 +414,8 @@ class Store:
         try:
             for suffix, (path, file_id) in written.items():
                 if self.get_file(file_id) is None:
-                    self.add_file(path, f"{batch_id}_{suffix}.jsonl", "batch_output", file_id=file_id)
+                    name = f"{batch_id}_{suffix}.jsonl"
+                    self.add_file(path, name, "batch_output", owner, file_id=file_id)
             t = now()
             doc["output_file_id"] = output_id if "output" in written else None
             doc["error_file_id"] = error_id if "error" in written else None

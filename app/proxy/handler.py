@@ -27,7 +27,7 @@ from app import keys, metrics
 from app.admission import MODEL_NOT_ALLOWED, Admission, Refused, Ticket
 from app.errors import error_message, send_error
 from app.keys import KeyEntry, KeyRing
-from app.middleware import RECORD_KEY, RequestRecord
+from app.middleware import BATCH_OWNER_KEY, RECORD_KEY, RequestRecord
 from app.proxy.headers import HOP_BY_HOP, Headers, filter_headers, get_header
 from app.proxy.request_body import BodyRefused, inspect_json, is_json_type
 from app.proxy.sse import StreamObserver, is_final, usage_counts
@@ -328,7 +328,7 @@ class ProxyHandler:
                 return
             rec.key = keys.ADMIN
         elif rec.batch_id is not None:  # the proxy's own batch runner: the batch's creator had a key
-            rec.key = keys.BATCH
+            rec.key = scope.get(BATCH_OWNER_KEY) or keys.BATCH  # usage of the key that made it
         elif self.keyring.active:
             entry = self.keyring.identify(token)
             if entry is None or entry.expired():
@@ -394,9 +394,10 @@ class ProxyHandler:
             return
 
         # Admission control (app/admission.py): requests that make the engine work (POSTs to its API
-        # routes, not the proxy's own batch lines) go through a key's limits and the proxy's queue.
+        # routes, not the proxy's own batch lines: BATCH_CONCURRENCY bounds those) go through a key's
+        # limits and the proxy's queue.
         gate = None
-        if method == "POST" and rec.route.kind == ENGINE and rec.key != keys.BATCH:
+        if method == "POST" and rec.route.kind == ENGINE and rec.batch_id is None:
             if entry is not None and entry.models is not None:
                 model = (rec.model or self._default_model) if is_json else None
                 if model is None or not entry.may_use(model):

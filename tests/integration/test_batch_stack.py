@@ -17,6 +17,7 @@ import orjson
 import pytest
 from openai import OpenAI
 
+from app.keys import plain_name
 from stack import Stack
 
 pytestmark = pytest.mark.integration
@@ -148,6 +149,7 @@ def test_a_batch_runs_through_the_sdk_with_outputs_matched_by_custom_id(stacks):
         record = stack.request_log(out["response"]["request_id"])
         assert record["batch_id"] == done.id and record["path"] == CHAT and record["status"] == 200
         assert record["prompt_tokens"] == body["usage"]["prompt_tokens"]
+        assert record["key"] == plain_name(KEY.encode())  # the batch's key, whose usage it is
 
     errors = read_lines(client, done.error_file_id)
     assert [(e["custom_id"], (e["error"] or {}).get("code")) for e in errors] == [

@@ -4,6 +4,7 @@ survives SIGKILL, OpenAI's list pagination."""
 from __future__ import annotations
 
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -115,3 +116,92 @@ def test_lists_page_as_openai_does(tmp_path):
     page, more = store.list_files(ids[1], 10, "asc", "batch")
     assert [f["id"] for f in page] == ids[2:] and not more
     assert store.list_files(None, 10, "desc", "batch_output") == ([], False)
+
+
+OLD_SCHEMA = """
+CREATE TABLE files (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    filename TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE batches (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    doc TEXT NOT NULL,
+    status TEXT NOT NULL,
+    output_id TEXT NOT NULL,
+    error_id TEXT NOT NULL
+);
+CREATE TABLE results (
+    batch_id TEXT NOT NULL,
+    line INTEGER NOT NULL,
+    ok INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (batch_id, line)
+) WITHOUT ROWID;
+"""
+"""The schema of the version that recorded no owners, as it wrote BATCH_DIR/batch.db."""
+
+
+def old_store(root, batch: dict, file_id: str = "file-old", body: bytes = b"{}\n") -> None:
+    """A BATCH_DIR as the version before owners left it: one file and one batch."""
+    (root / "files").mkdir(parents=True)
+    (root / "files" / file_id).write_bytes(body)
+    db = sqlite3.connect(root / "batch.db")
+    db.executescript(OLD_SCHEMA)
+    db.execute(
+        "INSERT INTO files (id, filename, purpose, bytes, created_at) VALUES (?, ?, ?, ?, ?)",
+        (file_id, "old.jsonl", "batch", len(body), 1700000000),
+    )
+    db.execute(
+        "INSERT INTO batches (id, doc, status, output_id, error_id) VALUES (?, ?, ?, ?, ?)",
+        (batch["id"], orjson.dumps(batch), batch["status"], "file-out", "file-err"),
+    )
+    db.commit()
+    db.close()
+
+
+def test_a_database_from_before_owners_gains_the_column_and_its_rows_stay_public(tmp_path):
+    old_store(tmp_path, batch_doc("b-old", "file-old"))
+    store = Store(tmp_path)
+    for table in ("files", "batches"):
+        columns = {row[1]: row for row in store.db.execute(f"PRAGMA table_info({table})")}
+        assert columns["owner"][2:5] == ("TEXT", 1, "''")  # type, NOT NULL, default
+    assert store.db.execute("SELECT owner FROM files").fetchall() == [("",)]
+    for owner in (None, "alice", "bob"):  # every key sees what was made before owners
+        assert store.get_file("file-old", owner)["filename"] == "old.jsonl"
+        assert store.get_batch("b-old", owner)["id"] == "b-old"
+        assert [f["id"] for f in store.list_files(None, 10, owner=owner)[0]] == ["file-old"]
+        assert [b["id"] for b in store.list_batches(None, 10, owner)[0]] == ["b-old"]
+    assert store.unfinished() == [(store.get_batch("b-old"), "")]
+    store.close()
+    Store(tmp_path).close()  # opened again: nothing left to add
+
+
+def test_rows_belong_to_their_owner_and_a_batchs_output_files_to_the_batchs(tmp_path):
+    store = Store(tmp_path)
+    tmp = store.temp_path()
+    tmp.write_bytes(b"x")
+    mine = store.add_file(tmp, "in.jsonl", "batch", "alice")
+    store.add_batch(batch_doc("b1", mine["id"]), "alice")
+    store.record("b1", [Result(1, True, b"{}"), Result(2, False, b"{}")])
+    done = store.finalize("b1", "completed")
+    outputs = [done["output_file_id"], done["error_file_id"]]
+    for file_id in [mine["id"], *outputs]:
+        assert store.get_file(file_id, "alice") is not None and store.get_file(file_id) is not None
+        assert store.get_file(file_id, "bob") is None
+    assert store.get_batch("b1", "bob") is None and store.get_batch("b1", "alice")["id"] == "b1"
+    assert store.list_files(None, 10, owner="bob") == ([], False)
+    assert store.list_batches(None, 10, "bob") == ([], False)
+    assert len(store.list_files(None, 10, owner="alice")[0]) == 3
+    # A cursor the caller may not see is none: paging after another key's id shows nothing of theirs.
+    tmp = store.temp_path()
+    tmp.write_bytes(b"y")
+    theirs = store.add_file(tmp, "b.jsonl", "batch", "bob")
+    assert store.list_files(theirs["id"], 10, owner="alice") == ([], False)
+    store.add_batch(batch_doc("b2", theirs["id"]), "bob")
+    assert store.list_batches("b2", 10, "alice") == ([], False)
+    assert [b["id"] for b in store.list_batches("b2", 10)[0]] == ["b1"]  # no owner: every row
