@@ -254,11 +254,16 @@ class KeyRing:
         self.entries: tuple[KeyEntry, ...] = tuple(entries)
         self._by_digest = {_digest(e.secret): e for e in entries}
         self.names = frozenset(e.name for e in entries)
+        self._by_name = {e.name: e for e in entries}
 
     @property
     def active(self) -> bool:
         """Keys are required: at least one is configured."""
         return bool(self.entries)
+
+    def named(self, name: str) -> KeyEntry | None:
+        """The key called `name` now (a batch's owner, app/batch/: revoked keys are gone)."""
+        return self._by_name.get(name)
 
     def identify(self, token: bytes | None) -> KeyEntry | None:
         if token is None:

@@ -328,7 +328,23 @@ class ProxyHandler:
                 return
             rec.key = keys.ADMIN
         elif rec.batch_id is not None:  # the proxy's own batch runner: the batch's creator had a key
-            rec.key = scope.get(BATCH_OWNER_KEY) or keys.BATCH  # usage of the key that made it
+            owner = scope.get(BATCH_OWNER_KEY) or ""
+            rec.key = owner or keys.BATCH  # usage of the key that made it
+            if self.keyring.active and owner not in ("", keys.ANONYMOUS):
+                # Its lines run while the key does: one revoked or expired stops them, and its
+                # `models` list holds for them as for its live requests.
+                entry = self.keyring.named(owner)
+                if entry is None or entry.expired():
+                    rec.error = "batch key revoked" if entry is None else "API key expired"
+                    await self._error(
+                        rec,
+                        send,
+                        401,
+                        f"The API key {owner!r} that made this batch is no longer valid"
+                        + (" (removed from the key file)." if entry is None else " (expired)."),
+                        code="invalid_api_key" if entry is None else "expired_api_key",
+                    )
+                    return
         elif self.keyring.active:
             entry = self.keyring.identify(token)
             if entry is None or entry.expired():
@@ -397,13 +413,13 @@ class ProxyHandler:
         # routes, not the proxy's own batch lines: BATCH_CONCURRENCY bounds those) go through a key's
         # limits and the proxy's queue.
         gate = None
-        if method == "POST" and rec.route.kind == ENGINE and rec.batch_id is None:
+        if method == "POST" and rec.route.kind == ENGINE:
             if entry is not None and entry.models is not None:
                 model = (rec.model or self._default_model) if is_json else None
                 if model is None or not entry.may_use(model):
                     await self._model_refused(rec, send, entry, model)
                     return
-            if self.admission.needed(entry):
+            if rec.batch_id is None and self.admission.needed(entry):
                 gate = (rec.key or keys.ANONYMOUS, entry)
 
         # The client's bytes, not the decoded path re-encoded: the engine routes on exactly what the

@@ -20,7 +20,7 @@ from openai import OpenAI
 from test_batch_store import batch_doc, old_store
 
 from app import metrics
-from app.runtime import Runtime
+from app.runtime import Phase, Runtime
 from fake_engine import FakeEngine
 from inproc import InProcessProxy
 
@@ -169,3 +169,73 @@ def test_batch_lines_count_under_the_key_that_made_the_batch_but_not_against_its
         bob = httpx.get(p.url + "/v1/usage?window=1h", headers={"authorization": "Bearer sk-bob"})
         assert [(r["key"], r["requests"]) for r in bob.json()["data"]] == [("bob", 0)]
     assert metrics.KEY_REQUESTS.labels("alice", 200).value - before == 5
+
+
+def run_batch(client: OpenAI, lines: list[dict]):
+    batch = client.batches.create(
+        input_file_id=upload(client, *lines), endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    deadline = time.monotonic() + 30
+    while (batch := client.batches.retrieve(batch.id)).status != "completed":
+        assert time.monotonic() < deadline, batch.status
+        time.sleep(0.05)
+    return batch
+
+
+def errors_of(client: OpenAI, batch) -> list[dict]:
+    return [orjson.loads(x) for x in client.files.content(batch.error_file_id).content.splitlines()]
+
+
+def test_batch_lines_keep_to_the_models_their_key_may_use(tmp_path):
+    """A key limited to some models cannot run another through a batch (its lines ran as nobody's
+    before): those lines fail with the 403 its live requests get, the allowed ones are served."""
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("- name: carol\n  key: sk-carol\n  models: [m]\n")
+    with (
+        FakeEngine() as fake,
+        InProcessProxy(fake.url, API_KEY_FILE=str(keys), BATCH_DIR=str(tmp_path / "b")) as p,
+    ):
+        carol = sdk(p, "sk-carol")
+        other = {**LINE, "custom_id": "other", "body": {"model": "other-model"}}
+        batch = run_batch(carol, [{**LINE, "custom_id": "mine"}, other])
+        assert (batch.request_counts.completed, batch.request_counts.failed) == (1, 1)
+        [failed] = errors_of(carol, batch)
+        assert failed["custom_id"] == "other" and failed["response"]["status_code"] == 403
+        assert "may not use" in failed["response"]["body"]["error"]["message"]
+
+
+def test_a_revoked_keys_batch_lines_are_refused(tmp_path, keys_file):
+    """Removing a key from the file (and reloading) stops what it started: its batch's lines get
+    401, as its live requests do. The batch is made while the engine is still loading, so no line
+    runs before the key is gone."""
+    runtime = Runtime()
+    with (
+        FakeEngine() as fake,
+        InProcessProxy(
+            fake.url, runtime=runtime, API_KEY_FILE=str(keys_file), BATCH_DIR=str(tmp_path / "b")
+        ) as p,
+    ):
+        bob = sdk(p, "sk-bob")
+        file_id = upload(bob, *[{**LINE, "custom_id": f"c{i}"} for i in range(2)])
+        batch = bob.batches.create(
+            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        keys_file.write_text(KEYS.split("- name: bob")[0])  # alice only
+        for reload in runtime.reloaders:  # what SIGHUP does
+            reload()
+        runtime.set_phase(Phase.READY)
+        deadline = time.monotonic() + 30
+        while (
+            len(
+                lines := [
+                    r
+                    for r in p.logs.records()
+                    if r.get("event") == "request" and r.get("batch_id") == batch.id
+                ]
+            )
+            < 2
+        ):
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.05)
+        assert {(r["key"], r["status"], r["error"]) for r in lines} == {("bob", 401, "batch key revoked")}
+        assert not [s for s in fake.seen if s.path == "/v1/chat/completions"]  # none reached the engine
