@@ -442,6 +442,10 @@ class ProxyHandler:
             int(length) if length is not None and not isinstance(body, bytes) else None,
             strip_usage,
             gate,
+            # GET /v1/models for a key limited to some models: the list shows only those
+            entry
+            if entry is not None and entry.models is not None and rec.route.path == "/v1/models"
+            else None,
         )
 
     # --- the exchange -------------------------------------------------------------------------
@@ -459,6 +463,7 @@ class ProxyHandler:
         length,
         strip_usage,
         gate,
+        lister: KeyEntry | None = None,
     ) -> None:
         upstream = self.upstream
         assert upstream is not None
@@ -493,7 +498,10 @@ class ProxyHandler:
                 return
             if watch is None:
                 watch = _Hangup(scope, receive, rec)
-            complete = await self._relay(resp, send, rec, watch, strip_usage)
+            if lister is not None and resp.status == 200:
+                complete = await self._relay_models(resp, send, rec, watch, lister)
+            else:
+                complete = await self._relay(resp, send, rec, watch, strip_usage)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if rec.disconnected and task is not None and task.uncancel() == 0:
@@ -529,6 +537,43 @@ class ProxyHandler:
         if is_sse:
             return await self._relay_sse(resp, send, rec, watch, strip_usage)
         return await self._relay_body(resp, send, rec, watch)
+
+    async def _relay_models(self, resp: UpstreamResponse, send, rec, watch: _Hangup, entry: KeyEntry) -> bool:
+        """The engine's model list less the models `entry` may not use (OpenAI lists a project's
+        models only): the one answer the proxy changes, and only for a key with a `models` list."""
+        kept: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                chunk = await resp.read()
+            except UpstreamError as exc:  # nothing sent yet: the client gets the 502/504
+                await self._upstream_failed(rec, send, exc)
+                return False
+            kept.append(chunk)
+            size += len(chunk)
+            if size > _MAX_ACCOUNTED_BODY:
+                await self._upstream_failed(
+                    rec, send, UpstreamError("protocol", "the engine's model list is too large")
+                )
+                return False
+            if not chunk or resp.at_end:
+                break
+        watch.stop()
+        try:
+            doc = orjson.loads(b"".join(kept))
+            doc["data"] = [m for m in doc["data"] if isinstance(m, dict) and entry.may_use(m.get("id"))]
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            await self._upstream_failed(
+                rec, send, UpstreamError("protocol", f"the engine's model list is not one: {exc}")
+            )
+            return False
+        body = orjson.dumps(doc)
+        headers = filter_headers(resp.headers, _RESPONSE_DROP | {b"content-length"})
+        headers += [(b"content-length", str(len(body)).encode()), rec.id_header]
+        rec.status = 200
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        return True
 
     def _stream_broken(self, exc: UpstreamError, resp: UpstreamResponse, rec, strip_usage: bool) -> bytes:
         """Count and note a stream the engine broke off; the SSE error event the client gets."""

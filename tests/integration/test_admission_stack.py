@@ -130,3 +130,24 @@ def test_n_requests_m_served_the_rest_429_and_usage_holds_the_engines_tokens(tex
     assert row["prompt_tokens"] == prompted - first.usage.prompt_tokens
     reported = [r for r in results.values() if r[0] == "usage"]
     assert sum(r[2] for r in reported) == TOKENS * len(reported)
+
+
+def test_a_key_limited_to_some_models_lists_only_those(text_stack, tmp_path):
+    """GET /v1/models from real vLLM, through the OpenAI SDK: a key with a `models` list sees the
+    served models it may use (OpenAI lists a project's models only); any other key sees them all,
+    byte for byte as the engine answered."""
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(
+        "- name: all\n  key: sk-all\n- name: base\n  key: sk-base\n  models: [tiny-text]\n"
+        "- name: adapters\n  key: sk-adapters\n  models: [sql-adapter]\n"
+    )
+    with InProcessProxy(text_stack.engine_url, MODEL_NAME=MODEL, API_KEY_FILE=str(keys)) as p:
+        assert [m.id for m in client(p.url, "sk-all").models.list()] == [MODEL]
+        assert [m.id for m in client(p.url, "sk-base").models.list()] == [MODEL]
+        assert [m.id for m in client(p.url, "sk-adapters").models.list()] == []
+        whole = httpx.get(p.url + "/v1/models", headers={"authorization": "Bearer sk-all"})
+        only = httpx.get(p.url + "/v1/models", headers={"authorization": "Bearer sk-base"})
+        # the same entries, whole (vLLM mints `created` and the permission ids per answer)
+        assert [sorted(m) for m in only.json()["data"]] == [sorted(m) for m in whole.json()["data"]]
+        assert int(only.headers["content-length"]) == len(only.content)
+        assert only.headers["x-request-id"]
