@@ -162,3 +162,7 @@ FROM vllm AS runpod
 # DL3002 (last USER root): on purpose, see above.
 # hadolint ignore=DL3002
 USER 0
+
+# ------------------------------------------------------------------------------------------------
+# A plain `docker build` (no --target) builds the last stage: the vllm image, not the root variant.
+FROM vllm AS default

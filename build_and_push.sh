@@ -6,6 +6,7 @@
 #   <user>/<name>:<tag>          vLLM (Dockerfile, target vllm)
 #   <user>/<name>:<tag>-runpod   the same, running as root for RunPod's root-owned volumes
 #   <user>/<name>:<tag>-trtllm   TensorRT-LLM (Dockerfile.trtllm)
+#   <user>/<name>:<tag>-trtllm-runpod   the same, running as root (RunPod)
 #   <user>/<name>:<tag>-cpu      with --cpu: the CPU image (Dockerfile, target cpu)
 #
 # --no-push loads the images into the local Docker instead (one platform only). --dry-run prints the
@@ -73,6 +74,7 @@ trt_args=()
 plan "${common[@]}" ${vllm_args[@]+"${vllm_args[@]}"} -f Dockerfile --target vllm -t "${user}/${name}:${tag}" .
 plan "${common[@]}" ${vllm_args[@]+"${vllm_args[@]}"} -f Dockerfile --target runpod -t "${user}/${name}:${tag}-runpod" .
 plan "${common[@]}" ${trt_args[@]+"${trt_args[@]}"} -f Dockerfile.trtllm --target trtllm -t "${user}/${name}:${tag}-trtllm" .
+plan "${common[@]}" ${trt_args[@]+"${trt_args[@]}"} -f Dockerfile.trtllm --target runpod -t "${user}/${name}:${tag}-trtllm-runpod" .
 if [[ $cpu -eq 1 ]]; then
   plan "${common[@]}" -f Dockerfile --target cpu -t "${user}/${name}:${tag}-cpu" .
 fi
@@ -90,5 +92,5 @@ for cmd in "${builds[@]}"; do
   eval "$cmd"
 done
 if [[ $push -eq 1 ]]; then
-  echo "pushed: ${user}/${name}:${tag} ${user}/${name}:${tag}-runpod ${user}/${name}:${tag}-trtllm$([[ $cpu -eq 1 ]] && echo " ${user}/${name}:${tag}-cpu")"
+  echo "pushed: ${user}/${name}:${tag} ${user}/${name}:${tag}-runpod ${user}/${name}:${tag}-trtllm ${user}/${name}:${tag}-trtllm-runpod$([[ $cpu -eq 1 ]] && echo " ${user}/${name}:${tag}-cpu")"
 fi

@@ -23,6 +23,8 @@ def test_every_variant_is_built_and_pushed_with_buildx():
         "docker buildx build --push -f Dockerfile --target vllm -t alice/vllm-inference-api:1.2.0 .",
         "docker buildx build --push -f Dockerfile --target runpod -t alice/vllm-inference-api:1.2.0-runpod .",
         "docker buildx build --push -f Dockerfile.trtllm --target trtllm -t alice/vllm-inference-api:1.2.0-trtllm .",
+        "docker buildx build --push -f Dockerfile.trtllm --target runpod "
+        "-t alice/vllm-inference-api:1.2.0-trtllm-runpod .",
     ]
 
 
@@ -47,7 +49,8 @@ def test_platform_no_push_versions_and_cpu_are_passed_through():
         "--target runpod -t alice/vllm-inference-api:1.2.0-runpod ."
     )
     assert "--build-arg TRTLLM_VERSION=1.3.0" in lines[2] and lines[2].endswith(":1.2.0-trtllm .")
-    assert lines[3].endswith("--target cpu -t alice/vllm-inference-api:1.2.0-cpu .")
+    assert "--build-arg TRTLLM_VERSION=1.3.0" in lines[3] and lines[3].endswith(":1.2.0-trtllm-runpod .")
+    assert lines[4].endswith("--target cpu -t alice/vllm-inference-api:1.2.0-cpu .")
 
 
 def test_bad_arguments_are_refused_before_anything_runs():

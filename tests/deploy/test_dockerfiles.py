@@ -106,8 +106,18 @@ def test_bases_are_pinned_and_the_vllm_pin_is_the_version_the_tests_run():
         "${PYTHON_IMAGE} AS cpu",
         "vllm/vllm-openai:${VLLM_VERSION}${VLLM_CUDA_VARIANT} AS vllm",
         "vllm AS runpod",
+        "vllm AS default",
         "nvcr.io/nvidia/tensorrt-llm/release:${TRTLLM_VERSION} AS trtllm",
+        "trtllm AS runpod",
+        "trtllm AS default",
     ]
+
+
+@pytest.mark.parametrize(("dockerfile", "base"), [(DOCKERFILE, "vllm"), (TRTLLM, "trtllm")])
+def test_a_build_without_target_is_the_image_not_its_root_variant(dockerfile, base):
+    """Docker builds the last stage when no --target is given: it must be the uid-10001 image."""
+    froms = [rest for word, rest in instructions(dockerfile) if word == "FROM"]
+    assert froms[-1] == f"{base} AS default" and stages(dockerfile)["default"] == []
 
 
 @pytest.mark.parametrize(("path", "stage"), [(DOCKERFILE, "vllm"), (DOCKERFILE, "cpu"), (TRTLLM, "trtllm")])
@@ -208,9 +218,10 @@ def test_a_baked_model_lives_outside_the_volume_and_the_launcher_looks_there():
     assert env_of(steps)["BAKED_MODELS_CACHE"] == cache
 
 
-def test_the_runpod_variant_is_the_vllm_image_running_as_root():
-    steps = stages(DOCKERFILE)["runpod"]
-    assert stages_from(DOCKERFILE)["runpod"] == "vllm"
+@pytest.mark.parametrize(("dockerfile", "base"), [(DOCKERFILE, "vllm"), (TRTLLM, "trtllm")])
+def test_each_runpod_variant_is_its_image_running_as_root(dockerfile, base):
+    steps = stages(dockerfile)["runpod"]
+    assert stages_from(dockerfile)["runpod"] == base
     assert steps == [("USER", "0")]
 
 
