@@ -81,6 +81,9 @@ class FakeEngine:
                 self.held -= 1
         if mode == "status":
             return web.json_response({"error": {"message": "nope", "type": "BadRequestError"}}, status=400)
+        if mode == "models":  # vLLM's GET /v1/models, serving "m" and the adapter "allowed"
+            data = [{"id": i, "object": "model", "owned_by": "vllm", "root": "m"} for i in ("m", "allowed")]
+            return web.json_response({"object": "list", "data": data})
         if mode in ("stream", "crash-mid-stream", "endless", "slow-prefill", "stall-mid-stream", "linger"):
             resp = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8"})
             await resp.prepare(request)

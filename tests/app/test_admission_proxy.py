@@ -296,9 +296,14 @@ def test_a_keys_limits_answer_429_with_openais_rate_limit_headers(fake, keys_fil
             headers={"authorization": "Bearer sk-narrow"},
         )
         assert multipart.status_code == 403
-        assert (
-            httpx.get(p.url + "/v1/models", headers={"authorization": "Bearer sk-narrow"}).status_code == 200
+        # GET /v1/models is no request for a model: let through, the list cut to what the key may use
+        listed = httpx.get(
+            p.url + "/v1/models", headers={"authorization": "Bearer sk-narrow", "x-fake": "models"}
         )
+        assert listed.status_code == 200 and [m["id"] for m in listed.json()["data"]] == ["allowed"]
+        # an answer that is no model list is not passed on unfiltered
+        broken = httpx.get(p.url + "/v1/models", headers={"authorization": "Bearer sk-narrow"})
+        assert broken.status_code == 502 and broken.json()["error"]["code"] == "engine_error"
         # expired
         expired = post(p.url, "sk-gone", "exp-1")
         assert expired.status_code == 401 and expired.json()["error"]["code"] == "expired_api_key"

@@ -413,9 +413,19 @@ def test_kill_9_the_router_marks_it_unhealthy_new_requests_go_to_the_survivor_an
         traffic.wait_for(lambda r: sum(sent >= killed + noticed for sent, *_ in r) >= 8, timeout=120)
     stream.join(30)
     assert not stream.is_alive(), "the stream on the killed replica hung"
-    # Its stream was cut: the client's HTTP library reports the incomplete response, promptly.
-    assert isinstance(out.get("exc"), httpx.TransportError), out
-    assert out["lines"][-1] != "data: [DONE]" and out["ended"] - killed < 15
+    # Its stream was cut, promptly: no `data: [DONE]`. vllm-router mostly breaks the client's
+    # response off (httpx raises a TransportError); once in a CI run it ended its chunked answer
+    # cleanly instead, which only the missing [DONE] tells. Either way the client knows.
+    seen = {k: out.get(k) for k in ("status", "exc", "ended")} | {
+        "lines": len(out["lines"]),
+        "last": out["lines"][-1][:80],
+        "killed": killed,
+    }
+    assert out["lines"][-1] != "data: [DONE]" and out["ended"] - killed < 15, seen
+    assert out.get("exc") is None or isinstance(out["exc"], httpx.TransportError), seen
+    print(
+        f"kill -9: the cut stream ended {'with a transport error' if out.get('exc') else 'cleanly, without [DONE]'}"
+    )
     # The router saw the replica fail within one detection (interval x failures, + one check's time).
     assert noticed <= fleet_runner.detection_seconds() + fleet_runner.HEALTH_CHECK_TIMEOUT_S + 1
     # Every request of the victim's sessions succeeded: the one in flight and those sent while the
