@@ -444,7 +444,7 @@ class ProxyHandler:
             gate,
             # GET /v1/models for a key limited to some models: the list shows only those
             entry
-            if entry is not None and entry.models is not None and rec.route.path == "/v1/models"
+            if method == "GET" and rec.route.path == "/v1/models" and entry and entry.models is not None
             else None,
         )
 
