@@ -114,6 +114,7 @@ def test_n_requests_m_served_the_rest_429_and_usage_holds_the_engines_tokens(tex
         assert body["code"] == "queue_full"
     assert metrics.REJECTIONS.labels("queue_full").value - refused_before == len(refused)
     assert set(shedding_health) == {200}
+    print(f"admission: {n} sent at once, {served} served, {len(refused)} refused (429 queue_full)")
 
     # Usage is the engine's own count of what it did for this key (the metered key's one request
     # was made after the usage was read).
