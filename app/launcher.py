@@ -35,7 +35,7 @@ from app.model import ModelError, looks_like_path, resolve_model
 from app.profiles import sizing
 from app.profiles.hardware import from_report
 from app.proxy.upstream import Upstream, UpstreamError
-from app.runtime import Phase, Runtime
+from app.runtime import Phase, Runtime, run_reloaders
 from app.server import ProxyServer, server_config
 from app.settings import Settings, load_settings
 from app.startup import StartupClock
@@ -145,11 +145,7 @@ class Launcher:
         log.info("signal received: reloading API keys", signal="SIGHUP")
         if self.pool is not None:  # the workers hold the keys
             self.pool.signal(signal.SIGHUP)
-        for reload in self.runtime.reloaders:
-            try:
-                reload()
-            except Exception:  # a reload must never take the server down
-                log.exception("reload failed")
+        run_reloaders(self.runtime.reloaders, log)
 
     # --- the whole life -----------------------------------------------------------------------
 

@@ -71,3 +71,12 @@ class Runtime:
             return False
         finally:
             self._idle = None
+
+
+def run_reloaders(reloaders: list[Callable[[], Any]], log: Any, **fields: Any) -> None:
+    """SIGHUP: each reload in turn; one that fails is logged and never takes the server down."""
+    for reload in reloaders:
+        try:
+            reload()
+        except Exception:
+            log.exception("reload failed", **fields)

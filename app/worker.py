@@ -23,6 +23,7 @@ from app import metrics, promlite, workers
 from app.health_port import health_only
 from app.logs import configure_logging, get_logger
 from app.main import create_app
+from app.runtime import run_reloaders
 from app.server import ProxyServer, server_config
 from app.settings import load_settings
 
@@ -40,20 +41,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _reload(runtime: workers.WorkerRuntime) -> None:
-    for reload in runtime.reloaders:
-        try:
-            reload()
-        except Exception:
-            log.exception("reload failed", worker=workers.current())
-
-
 async def _serve(app, settings, args, shared: workers.SharedState, runtime: workers.WorkerRuntime) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_reader(args.control_fd, stop.set)  # readable: a byte, or EOF when the launcher closes it
     # The launcher forwards SIGHUP: this process's API keys reload (a reload never stops the server).
-    loop.add_signal_handler(signal.SIGHUP, _reload, runtime)
+    loop.add_signal_handler(signal.SIGHUP, lambda: run_reloaders(runtime.reloaders, log, worker=args.index))
     main = ProxyServer(server_config(app, settings.HOST, settings.PORT, settings.CLIENT_TIMEOUT))
     servers = [(main, socket.socket(fileno=args.fd))]
     if args.health_fd is not None:

@@ -335,12 +335,7 @@ class LoraService:
             resp = await upstream.request(
                 "POST", path, list(_JSON), json.dumps(payload).encode(), timeout=LOAD_TIMEOUT
             )
-            try:
-                body = await resp.body()
-            except BaseException:
-                resp.close()
-                raise
-            resp.release()
+            body = await resp.body_then_release()
         except UpstreamError as exc:
             metrics.UPSTREAM_ERRORS.labels(exc.kind).inc()
             status = 504 if exc.kind == "timeout" else 502

@@ -225,6 +225,30 @@ class _KeepaliveSweep:
         self._timer = loop.call_later(self.interval, self._sweep, loop) if self._streams else None
 
 
+def _observed(observer: StreamObserver, rec: RequestRecord) -> bytes:
+    """What the observer still holds, with the stream's TTFT, usage and error put on the record
+    (finish() reads the stream's last events)."""
+    rest = observer.finish()
+    rec.ttft_s = observer.ttft_s
+    rec.prompt_tokens, rec.completion_tokens = observer.prompt_tokens, observer.completion_tokens
+    rec.error = rec.error or observer.error
+    return rest
+
+
+async def _end_stream(send, watch: _Hangup, complete: bool, last: bytes, rest: bytes, tail: bytes) -> bool:
+    """A relayed stream's last send. Complete: its last bytes, with the response's end. Broken: the
+    whole events, the error event, then the connection ends without the stream's end."""
+    if complete:
+        watch.stop()
+        await send({"type": "http.response.body", "body": last + rest})
+    else:
+        await send(
+            {"type": "http.response.body", "body": last + _whole_events(rest) + tail, "more_body": True}
+        )
+        watch.abort()
+    return complete
+
+
 class _Sink:
     """Called from the engine connection's read callback with each read's body bytes (relay mode,
     `UpstreamResponse.relay`): measured, then written straight to the client."""
@@ -626,17 +650,8 @@ class ProxyHandler:
         finally:
             if sweep is not None and keepalive is not None:
                 await sweep.close(keepalive)
-            rest = observer.finish()  # also reads the stream's last events: usage, error
-            rec.ttft_s = observer.ttft_s
-            rec.prompt_tokens, rec.completion_tokens = observer.prompt_tokens, observer.completion_tokens
-            rec.error = rec.error or observer.error
-        if complete:
-            watch.stop()
-            await send({"type": "http.response.body", "body": last + rest})
-        else:  # the whole events, the error event, then the connection ends without the stream's end
-            await send({"type": "http.response.body", "body": _whole_events(rest) + tail, "more_body": True})
-            watch.abort()
-        return complete
+            rest = _observed(observer, rec)
+        return await _end_stream(send, watch, complete, last, rest, tail)
 
     async def _relay_sse_direct(
         self, resp: UpstreamResponse, send, rec, watch, strip_usage: bool, observer, sink: _Sink
@@ -661,18 +676,8 @@ class ProxyHandler:
                 await sweep.close(keepalive)
             # The last bytes (complete), or those of the read that failed: through `send` now.
             last = observer.feed(resp.take_queued())
-            rest = observer.finish()
-            rec.ttft_s = observer.ttft_s
-            rec.prompt_tokens, rec.completion_tokens = observer.prompt_tokens, observer.completion_tokens
-            rec.error = rec.error or observer.error
-        if complete:
-            watch.stop()
-            await send({"type": "http.response.body", "body": last + rest})
-        else:
-            body = last + _whole_events(rest) + tail
-            await send({"type": "http.response.body", "body": body, "more_body": True})
-            watch.abort()
-        return complete
+            rest = _observed(observer, rec)
+        return await _end_stream(send, watch, complete, last, rest, tail)
 
     async def _relay_body(self, resp: UpstreamResponse, send, rec, watch) -> bool:
         kept: list[bytes] = []

@@ -461,6 +461,16 @@ class UpstreamResponse:
             parts.append(chunk)
         return b"".join(parts)
 
+    async def body_then_release(self) -> bytes:
+        """The whole body, then the connection back to the pool (dropped if the read failed)."""
+        try:
+            body = await self.body()
+        except BaseException:
+            self.close()
+            raise
+        self.release()
+        return body
+
     def close(self) -> None:
         """Drop the connection (the engine sees the disconnect and aborts the request)."""
         if not self._released:
@@ -656,10 +666,4 @@ class Upstream:
     async def get(self, path: str, timeout: float) -> tuple[int, bytes]:
         """A small GET for the proxy's own use (health, version, metrics)."""
         resp = await self.request("GET", path, [], None, timeout=timeout)
-        try:
-            body = await resp.body()
-        except BaseException:
-            resp.close()
-            raise
-        resp.release()
-        return resp.status, body
+        return resp.status, await resp.body_then_release()
