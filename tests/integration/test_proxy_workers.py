@@ -155,7 +155,8 @@ def test_sigterm_drains_the_streams_of_every_worker_and_exits_0(workers_stack):
     streams: list[dict] = []
 
     def run(got: dict) -> None:
-        body = {"model": MODEL, "prompt": "x", "max_tokens": 300, "ignore_eos": True, "stream": True}
+        # long enough to outlast the counting below: tiny-text makes a token every few ms
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 2000, "ignore_eos": True, "stream": True}
         try:
             with httpx.stream("POST", workers_stack.url + "/v1/completions", json=body, timeout=120) as r:
                 got["status"] = r.status_code
@@ -165,6 +166,7 @@ def test_sigterm_drains_the_streams_of_every_worker_and_exits_0(workers_stack):
                         got["lines"].append(line)
         except httpx.HTTPError as exc:
             got["exc"] = exc
+        got["ended"] = time.monotonic()
 
     threads = []
     while len(streams) < 4 or len({g["id"][:16] for g in streams}) < 2:
@@ -179,6 +181,8 @@ def test_sigterm_drains_the_streams_of_every_worker_and_exits_0(workers_stack):
         streams.append(got)
     health = [httpx.get(workers_stack.url + "/health", timeout=10).json() for _ in range(4)]
     live = [httpx.get(workers_stack.url + "/api/v1/live_metrics", timeout=10).json() for _ in range(4)]
+    ended = [g for g in streams if "ended" in g]
+    assert not ended, f"{len(ended)} streams ended before they were counted: make them longer"
     assert {h["in_flight"] for h in health} == {len(streams)}, health
     assert {t["requests_in_flight"] for t in live} == {len(streams)}, live
     workers_stack.signal(signal.SIGTERM)

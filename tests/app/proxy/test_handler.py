@@ -57,9 +57,8 @@ def test_hung_engine_gives_504_and_does_not_block_other_requests(proxy):
     t = threading.Thread(target=hang)
     t.start()
     time.sleep(0.1)
-    started = time.monotonic()
-    assert post(proxy).status_code == 200  # served while the other one hangs
-    assert time.monotonic() - started < 0.5
+    assert post(proxy).status_code == 200
+    assert "r" not in result  # served while the other one still hangs (ordering, not a clock)
     t.join(5)
     assert result["r"].status_code == 504
     assert result["r"].json()["error"]["type"] == "gateway_timeout"
