@@ -14,10 +14,8 @@ data and asks for the key when the JSON answers 401.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import time
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ from app.logs import get_logger
 from app.metrics_collector import Collector, families_from_text
 from app.metrics_store import SERIES, WINDOWS, MetricsStore
 from app.proxy.upstream import UpstreamError
-from app.runtime import Phase, Runtime
+from app.runtime import Phase, Runtime, extend_lifespan
 from app.settings import Settings
 
 PAGE = Path(__file__).parent / "static" / "dashboard.html"
@@ -73,23 +71,11 @@ def register(api: FastAPI, settings: Settings, runtime: Runtime, engine: Any, pr
     collector = Collector(
         store if workers.is_first() else None, settings.SCRAPE_INTERVAL, read, engine_metrics, log=log
     )
-    inner = api.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(app: Any):
-        async with inner(app) as state:
-            task = asyncio.ensure_future(collector.run()) if store is not None else None
-            try:
-                yield state
-            finally:
-                if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                if store is not None:
-                    store.close()
-
-    api.router.lifespan_context = lifespan
+    extend_lifespan(
+        api,
+        tasks=lambda: [collector.run()] if store is not None else [],
+        stop=store.close if store is not None else None,
+    )
     page = PAGE.read_bytes()
 
     @api.get("/dashboard", include_in_schema=False)

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+from app.logs import get_logger
+
+_log = get_logger("app.runtime")
 
 
 class Phase(enum.StrEnum):
@@ -80,3 +87,38 @@ def run_reloaders(reloaders: list[Callable[[], Any]], log: Any, **fields: Any) -
             reload()
         except Exception:
             log.exception("reload failed", **fields)
+
+
+def extend_lifespan(
+    api: Any,
+    *,
+    start: Callable[[], Awaitable[Any]] | None = None,
+    tasks: Callable[[], Iterable[Coroutine[Any, Any, Any]]] = tuple,
+    stop: Callable[[], Any] | None = None,
+) -> None:
+    """Run more inside `api`'s lifespan, after what it runs already: `start`, then the background
+    `tasks` (made when the app starts); on the way out the tasks are cancelled and awaited (one that
+    failed is logged, never raised: shutdown goes on), then `stop` (sync or async)."""
+    inner = api.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app: Any):
+        async with inner(app) as state:
+            if start is not None:
+                await start()
+            running = [asyncio.ensure_future(coro) for coro in tasks()]
+            try:
+                yield state
+            finally:
+                for task in running:
+                    task.cancel()
+                for task in running:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        try:
+                            await task
+                        except Exception:
+                            _log.exception("background task failed")
+                if stop is not None and inspect.isawaitable(done := stop()):
+                    await done
+
+    api.router.lifespan_context = lifespan

@@ -22,7 +22,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from app.keys import ADMIN, ANONYMOUS, KeyRing
 from app.logs import get_logger
 from app.middleware import RECORD_KEY, RequestRecord
 from app.routes import ENGINE
+from app.runtime import extend_lifespan
 
 log = get_logger("app.usage")
 
@@ -254,25 +254,13 @@ def register(
     api: FastAPI, keyring: KeyRing, admission: Admission, usage: Usage, tasks: list[Callable[[], Any]]
 ) -> None:
     """The usage routes, and the app-lifetime tasks: usage flushing, `tasks` (the key file watch)."""
-    inner = api.router.lifespan_context
 
-    @asynccontextmanager
-    async def lifespan(app: Any):
-        async with inner(app) as state:
-            running = [asyncio.ensure_future(usage.run()), *(asyncio.ensure_future(t()) for t in tasks)]
-            try:
-                yield state
-            finally:
-                for task in running:
-                    task.cancel()
-                for task in running:
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
-                await usage.flush()
-                if usage.store is not None:
-                    usage.store.close()
+    async def stop() -> None:
+        await usage.flush()
+        if usage.store is not None:
+            usage.store.close()
 
-    api.router.lifespan_context = lifespan
+    extend_lifespan(api, tasks=lambda: [usage.run(), *(t() for t in tasks)], stop=stop)
 
     def bad_window(window: str) -> Response | None:
         if window in WINDOWS:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from app.batch.api import ApiError, build, owns
 from app.batch.runner import Runner
 from app.batch.store import AsyncStore
 from app.logs import get_logger
-from app.runtime import Runtime
+from app.runtime import Runtime, extend_lifespan
 from app.settings import Settings
 
 __all__ = ["BatchService", "owns"]
@@ -146,15 +145,4 @@ class BatchService:
 
     def register(self, api: Any) -> None:
         """Run the store and runner during `api`'s lifespan."""
-        inner = api.router.lifespan_context
-
-        @asynccontextmanager
-        async def lifespan(app: Any):
-            async with inner(app) as state:
-                await self.start()
-                try:
-                    yield state
-                finally:
-                    await self.stop()
-
-        api.router.lifespan_context = lifespan
+        extend_lifespan(api, start=self.start, stop=self.stop)

@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import json
 import time
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from app.logs import get_logger
 from app.lora.adapter import LoraError, check_folder
 from app.lora.config import CONFIG, DIR, ENGINE, RUNTIME, AdapterSpec, env_flag, resolve_source, wanted
 from app.proxy.upstream import UpstreamError
-from app.runtime import Phase
+from app.runtime import Phase, extend_lifespan
 
 log = get_logger("app.lora")
 
@@ -394,22 +393,8 @@ class LoraService:
     # --- routes -------------------------------------------------------------------------------
 
     def register(self, api: FastAPI) -> None:
-        inner = api.router.lifespan_context
         service = self
-
-        @asynccontextmanager
-        async def lifespan(app: Any):
-            async with inner(app) as state:
-                task = asyncio.ensure_future(service.run()) if service.on else None
-                try:
-                    yield state
-                finally:
-                    if task is not None:
-                        task.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await task
-
-        api.router.lifespan_context = lifespan
+        extend_lifespan(api, tasks=lambda: [service.run()] if service.on else [])
 
         @api.get("/v1/lora_adapters")
         async def list_adapters() -> Response:
