@@ -520,7 +520,7 @@ class Launcher:
         if self.shared is not None:
             return await self._start_workers()
         app = create_app(s, self.runtime)
-        config = server_config(app, s.HOST, s.PORT, s.CLIENT_TIMEOUT)
+        config = server_config(app, s.HOST, s.PORT, s.CLIENT_TIMEOUT, send_timeout=s.CLIENT_SEND_TIMEOUT)
         self.server = ProxyServer(config)
         self.server_task = asyncio.ensure_future(self.server.serve())
         while not self.server.started:

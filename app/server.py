@@ -8,6 +8,11 @@ its first byte (or from the connection's opening) to its last body byte: a clien
 headers then gets `408` and the connection is closed; one stalled mid-body is disconnected, which
 the app sees as a client hang-up.
 
+Nor does it bound the other direction: a client that stops reading holds its answer, the engine's
+connection and the engine's work for as long as it likes. One whose socket stays full (no room made
+for the answer) for `CLIENT_SEND_TIMEOUT` seconds is disconnected (nginx's `send_timeout`), which the
+app sees as a hang-up.
+
 Nor does uvicorn (with httptools; its h11 protocol has a 16 KiB default) bound a request's head: a
 header of any size is gathered in memory, and forwarded. Here the request line and headers may
 take `MAX_HEAD_BYTES` and hold `MAX_HEADERS` fields; beyond either the client gets `431`, as soon
@@ -37,7 +42,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app import logs
 from app.errors import error_body
-from app.middleware import REFUSED_KEY, RequestRecord, observe, request_id_from
+from app.middleware import RECORD_KEY, REFUSED_KEY, RequestRecord, observe, request_id_from
 from app.routes import classify
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -298,8 +303,10 @@ class _Discard:
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     client_timeout: float = 120.0
+    send_timeout: float = 60.0
 
     _guard: asyncio.TimerHandle | None = None
+    _send_guard: asyncio.TimerHandle | None = None  # armed while the client's buffer is full
     _in_headers = False
     _began = False  # a request began on this connection (its first byte re-armed the guard)
     # Bytes the head being received may still take; None while no head is being received (body,
@@ -463,13 +470,30 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def pause_writing(self) -> None:
         super().pause_writing()
+        if self._send_guard is None:
+            self._send_guard = self.loop.call_later(self.send_timeout, self._send_stalled)
         if self._writer is not None:
             self._writer.pause()
 
     def resume_writing(self) -> None:
         super().resume_writing()
+        if self._send_guard is not None:
+            self._send_guard.cancel()
+            self._send_guard = None
         if self._writer is not None:
             self._writer.resume()
+
+    def _send_stalled(self) -> None:
+        """The client made no room for the answer in `send_timeout` seconds: end the connection
+        at once (closing would wait for the buffer to drain, which it never does). The request's
+        task sees the hang-up: 499, and the engine's work aborted."""
+        self._send_guard = None
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            rec = cycle.scope.get(RECORD_KEY)
+            if rec is not None:
+                rec.error = f"client read nothing for {self.send_timeout:g} s (CLIENT_SEND_TIMEOUT)"
+        self.transport.abort()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -477,6 +501,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._send_guard is not None:
+            self._send_guard.cancel()
+            self._send_guard = None
         if self._writer is not None:
             self._writer.closed = True
         cycle = self.cycle
@@ -497,12 +524,19 @@ class ProxyServer(uvicorn.Server):
 
 
 def server_config(
-    app: Any, host: str, port: int, client_timeout: float, lifespan: str = "on"
+    app: Any,
+    host: str,
+    port: int,
+    client_timeout: float,
+    lifespan: str = "on",
+    send_timeout: float = GuardedHttpToolsProtocol.send_timeout,
 ) -> uvicorn.Config:
     if warning := uvicorn_version_warning(uvicorn.__version__):
         _log.warning(warning)
     protocol = type(
-        "GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), {"client_timeout": client_timeout}
+        "GuardedHttpToolsProtocol",
+        (GuardedHttpToolsProtocol,),
+        {"client_timeout": client_timeout, "send_timeout": send_timeout},
     )
     return uvicorn.Config(
         app,

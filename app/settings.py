@@ -166,6 +166,14 @@ class Settings(BaseSettings):
         description="Seconds a client has to send a whole request, headers and body (slow or "
         "stalled clients get 408 or are disconnected).",
     )
+    CLIENT_SEND_TIMEOUT: float = Field(
+        60,
+        gt=0,
+        description="Seconds an answer may wait on a client that makes no room for it (reads "
+        "nothing while its socket is full) before the proxy closes the connection: logged as a "
+        "hang-up (499) and the engine's work aborted, as nginx's `send_timeout`. A client reading "
+        "slowly but steadily is never cut.",
+    )
     DRAIN_TIMEOUT: float = Field(
         60,
         ge=0,

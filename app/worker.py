@@ -47,7 +47,15 @@ async def _serve(app, settings, args, shared: workers.SharedState, runtime: work
     loop.add_reader(args.control_fd, stop.set)  # readable: a byte, or EOF when the launcher closes it
     # The launcher forwards SIGHUP: this process's API keys reload (a reload never stops the server).
     loop.add_signal_handler(signal.SIGHUP, lambda: run_reloaders(runtime.reloaders, log, worker=args.index))
-    main = ProxyServer(server_config(app, settings.HOST, settings.PORT, settings.CLIENT_TIMEOUT))
+    main = ProxyServer(
+        server_config(
+            app,
+            settings.HOST,
+            settings.PORT,
+            settings.CLIENT_TIMEOUT,
+            send_timeout=settings.CLIENT_SEND_TIMEOUT,
+        )
+    )
     servers = [(main, socket.socket(fileno=args.fd))]
     if args.health_fd is not None:
         config = server_config(

@@ -83,7 +83,11 @@ class InProcessProxy:
         )
         app = create_app(self.settings, self.runtime)
         config = server_config(
-            app if wrap is None else wrap(app), "127.0.0.1", self.port, self.settings.CLIENT_TIMEOUT
+            app if wrap is None else wrap(app),
+            "127.0.0.1",
+            self.port,
+            self.settings.CLIENT_TIMEOUT,
+            send_timeout=self.settings.CLIENT_SEND_TIMEOUT,
         )
         if plain_uvicorn:
             config.http = "httptools"
