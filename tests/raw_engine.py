@@ -171,6 +171,20 @@ async def serve_forever(conn: RawConn, answer: bytes | Callable[[Request], bytes
         await conn.send(answer(request) if callable(answer) else answer)
 
 
+def slow_client(port: int, rid: str, headers: bytes = b"") -> socket.socket:
+    """A client with a small receive window that has sent a streamed completion request and reads
+    nothing yet (back-pressure and stall tests)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # before connecting: a small window
+    sock.connect(("127.0.0.1", port))
+    body = b'{"model":"m","prompt":"x","stream":true}'
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"%bx-request-id: %b\r\ncontent-length: %d\r\n\r\n%b" % (headers, rid.encode(), len(body), body)
+    )
+    return sock
+
+
 def ok(body: bytes = b"ok", *, headers: bytes = b"") -> bytes:
     return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n%b\r\n%b" % (len(body), headers, body)
 

@@ -17,7 +17,7 @@ import httptools
 import pytest
 
 from inproc import InProcessProxy
-from raw_engine import RawConn, RawEngineThread
+from raw_engine import RawConn, RawEngineThread, slow_client
 
 EVENT = b"data: " + b"x" * (16 * 1024 - 8) + b"\n\n"  # 16 KiB
 TOTAL = 48 << 20  # more than every buffer between the engine and a client that reads nothing
@@ -64,16 +64,7 @@ def proxy(raw):
 
 
 def request(proxy, rid: str, mode: str, total: int = TOTAL) -> socket.socket:
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # before connecting: a small window
-    sock.connect(("127.0.0.1", proxy.port))
-    body = b'{"model":"m","prompt":"x","stream":true}'
-    sock.sendall(
-        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        b"x-raw: %b\r\nx-total: %d\r\nx-request-id: %b\r\ncontent-length: %d\r\n\r\n%b"
-        % (mode.encode(), total, rid.encode(), len(body), body)
-    )
-    return sock
+    return slow_client(proxy.port, rid, b"x-raw: %b\r\nx-total: %d\r\n" % (mode.encode(), total))
 
 
 def closed_by_proxy(sock: socket.socket, within: float) -> bool:

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from inproc import InProcessProxy
-from raw_engine import RawConn, RawEngineThread
+from raw_engine import RawConn, RawEngineThread, slow_client
 
 SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 BIG_EVENT = b"data: " + b"x" * (64 * 1024 - 8) + b"\n\n"  # 64 KiB
@@ -169,18 +169,6 @@ class _Body:
         self.done = True
 
 
-def _request(proxy, rid: str) -> socket.socket:
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # before connecting: a small window
-    sock.connect(("127.0.0.1", proxy.port))
-    body = b'{"model":"m","prompt":"x","stream":true}'
-    sock.sendall(
-        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        b"x-raw: big\r\nx-request-id: %b\r\ncontent-length: %d\r\n\r\n%b" % (rid.encode(), len(body), body)
-    )
-    return sock
-
-
 def _settled(rid: str, quiet: float = 1.0, timeout: float = 20) -> int:
     """The engine's pushed bytes once they stop growing for `quiet` seconds."""
     deadline = time.monotonic() + timeout
@@ -214,7 +202,7 @@ def test_a_client_that_does_not_read_holds_the_engine_back_and_the_proxy_buffers
     proxy that kept reading would queue in its memory. Then the client reads: everything arrives,
     the stream ends cleanly, and the engine held back for seconds (longer than
     UPSTREAM_IDLE_TIMEOUT, 1 s) is not taken for an engine gone silent."""
-    sock = _request(proxy, "slow-reader")
+    sock = slow_client(proxy.port, "slow-reader", b"x-raw: big\r\n")
     try:
         time.sleep(0.5)
         held = _settled("slow-reader")
