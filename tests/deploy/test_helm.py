@@ -20,6 +20,8 @@ from vllm_router.launch_router import parse_router_args
 
 from app.engines.vllm import build_command
 from app.launcher import ENGINE_STOP_TIMEOUT, LEFTOVER_GRACE
+from app.lora.adapter import ALLOWED_RANKS
+from app.lora.config import build_plan, parse_config
 from app.server import server_config
 from app.settings import ENV_NAMES, Settings
 from scripts import fleet
@@ -106,6 +108,34 @@ def settings_from(container: dict) -> Settings:
     return Settings(**values)
 
 
+def replica_env(docs: list[dict]) -> dict[str, str]:
+    """The plain values of the replica container's env."""
+    (container,) = one(docs, "Deployment", "-api")["spec"]["template"]["spec"]["containers"]
+    return {name: e["value"] for name, e in env_of(container).items() if "value" in e}
+
+
+def engine_start(env: dict[str, str], volume: Path, **more: str) -> tuple[list[str], object]:
+    """What the image's launcher makes of a replica's env: its Settings, the LoRA start plan
+    (app/lora/config.py `build_plan`: every adapter resolved and checked) and the engine command.
+    The replica's volume `/data` is `volume` here (a plain prefix swap in the values)."""
+    values = {k: v.replace("/data/", f"{volume}/") for k, v in env.items() if k in ENV_NAMES}
+    settings = Settings(**{**values, **more})
+    plan = build_plan(settings)
+    return build_command(settings, settings.MODEL_NAME, lora=plan), plan
+
+
+@pytest.fixture(scope="module")
+def volume(tmp_path_factory) -> Path:
+    """A replica's /data with the adapters the LoRA example names (tiny random ones, two ranks)."""
+    from scripts.tiny_adapters import build_adapter
+
+    root = tmp_path_factory.mktemp("data")
+    build_adapter(root / "adapters" / "sql-lora", 8, seed=1)
+    build_adapter(root / "adapters" / "support-lora", 16, seed=2)
+    build_adapter(root / "adapters-dir" / "alpha", 8, seed=3)
+    return root
+
+
 # --- Helm: lint and render -------------------------------------------------------------------------
 
 
@@ -129,6 +159,14 @@ def test_the_examples_are_the_five_the_readme_names():
         {"model": {"name": ""}},
         {"env": {"lower_case": "x"}},
         {"lora": {"modules": [{"name": "a=b", "path": "/x"}]}},
+        {"lora": {"maxRank": 24}},
+        {"lora": {"modules": [{"name": "a/b", "path": "/x"}]}},
+        {"lora": {"modules": [{"name": "a", "path": "./adapters/a"}]}},
+        {"lora": {"modules": [{"name": "a", "path": "org/repo/sub"}]}},
+        {"lora": {"modules": [{"name": "a", "path": "/x", "rank": 8}]}},
+        {"lora": {"dir": "adapters"}},
+        {"lora": {"configFile": {"lora_settings": {"max_lora_rank": 24}}}},
+        {"lora": {"configFile": {"adapters": []}}},
     ],
 )
 def test_the_values_schema_refuses_bad_values(bad):
@@ -141,6 +179,10 @@ def test_combinations_the_chart_cannot_serve_fail_with_a_sentence():
         ({"multiNode": {"enabled": True}, "disaggregation": {"enabled": True}}, "cannot be combined"),
         ({"autoscaling": {"enabled": True}, "disaggregation": {"enabled": True}}, "not with disaggregation"),
         ({"multiNode": {"enabled": True}, "persistence": {"mode": "perPod"}}, "perPod is not supported"),
+        ({"lora": {"enabled": True}}, "lora.enabled serves no adapter"),
+        ({"lora": {"enabled": True, "runtimeUpdates": False}}, "lora.enabled serves no adapter"),
+        ({"lora": {"enabled": True, "config": "/data/l.yaml", "configFile": {"auto_load": []}}}, "not both"),
+        ({"lora": {"enabled": True, "runtimeUpdates": True, "maxLoras": 4, "maxCpuLoras": 2}}, "at least"),
     ]:
         with pytest.raises(helm.HelmRenderError, match=words):
             render(values)
@@ -204,24 +246,30 @@ def flags(argv: list[str]) -> list[str]:
     return argv[3:]
 
 
-@pytest.mark.parametrize("example", EXAMPLES)
-def test_the_replicas_engine_flags_are_accepted_by_vllms_parser(example, rendered):
+def vllm_args(argv: list[str]):
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    return make_arg_parser(FlexibleArgumentParser()).parse_args(flags(argv))
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_the_replicas_engine_flags_are_accepted_by_vllms_parser(example, rendered, volume):
     parsed = {}
     for role, tpl in serving(rendered[example]):
         (container,) = tpl["spec"]["containers"]
-        settings = settings_from(container)
-        argv = build_command(settings, settings.MODEL_NAME)
-        parsed[role] = make_arg_parser(FlexibleArgumentParser()).parse_args(flags(argv))
+        env = {name: e["value"] for name, e in env_of(container).items() if "value" in e}
+        assert "lora" not in env.get("ENGINE_EXTRA_ARGS", "")  # LoRA goes through the image's settings
+        argv, _ = engine_start(env, volume)
+        parsed[role] = vllm_args(argv)
     assert parsed
     if example == "lora":
         args = parsed["replica"]
         assert args.enable_lora and args.max_lora_rank == 16 and args.max_loras == 4
+        assert args.max_cpu_loras == 8
         assert {m.name: m.path for m in args.lora_modules} == {
-            "sql": "/data/adapters/sql-lora",
-            "support": "/data/adapters/support-lora",
+            "sql": f"{volume}/adapters/sql-lora",
+            "support": f"{volume}/adapters/support-lora",
         }
     if example == "multinode":
         args = parsed["replica"]
@@ -504,3 +552,181 @@ def test_disaggregation_side_channel_listens_on_the_pod_ip(rendered):
         port = int(env["VLLM_NIXL_SIDE_CHANNEL_PORT"]["value"])
         assert port in {p["containerPort"] for p in container["ports"]}
     assert one(docs, "Deployment", "-decode")["spec"]["replicas"] == 2
+
+
+# --- LoRA: the chart's `lora.*` are the image's LoRA settings ----------------------------------------
+
+LORA_SETTINGS = {
+    "LORA_MODULES",
+    "LORA_DIR",
+    "LORA_CONFIG",
+    "LORA_DYNAMIC",
+    "MAX_LORAS",
+    "MAX_CPU_LORAS",
+    "MAX_LORA_RANK",
+}
+
+
+def plan_summary(plan) -> tuple:
+    return (
+        plan.enabled,
+        plan.dynamic,
+        plan.max_lora_rank,
+        plan.max_loras,
+        plan.max_cpu_loras,
+        [(a.name, a.path, a.origin, a.at_start, a.base_model_name) for a in plan.adapters],
+        plan.engine_env(),
+    )
+
+
+def test_the_lora_example_starts_the_engine_as_the_docker_run_lora_env_does(rendered, volume):
+    """The chart's env for examples/lora.yaml, read by the image's own Settings and LoRA planner,
+    gives the same engine command, engine env and adapter plan as the same replica started the
+    `docker run` way (the example without lora.*, plus the LoRA settings by hand, as name=path pairs)."""
+    chart = replica_env(rendered["lora"])
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in chart  # the image sets it from LORA_DYNAMIC
+    assert "ENGINE_EXTRA_ARGS" not in chart
+    without_lora = values_of("lora") | {"lora": {"enabled": False}}
+    docker = replica_env(render(without_lora))
+    assert not LORA_SETTINGS & set(docker)
+    docker |= {
+        "LORA_MODULES": "sql=/data/adapters/sql-lora,support=/data/adapters/support-lora",
+        "MAX_LORA_RANK": "16",
+        "MAX_LORAS": "4",
+        "MAX_CPU_LORAS": "8",
+        "LORA_DYNAMIC": "true",
+    }
+    chart_argv, chart_plan = engine_start(chart, volume)
+    docker_argv, docker_plan = engine_start(docker, volume)
+    assert chart_argv == docker_argv
+    assert plan_summary(chart_plan) == plan_summary(docker_plan)
+    assert chart_plan.enabled and chart_plan.engine_env() == {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true"}
+    assert [(a.name, a.info.rank) for a in chart_plan.adapters] == [("sql", 8), ("support", 16)]
+    args = vllm_args(chart_argv)
+    assert (args.enable_lora, args.max_lora_rank, args.max_loras, args.max_cpu_loras) == (True, 16, 4, 8)
+
+
+@pytest.fixture
+def hf_cache(monkeypatch, tmp_path):
+    """huggingface_hub's cache (the model's, on /data in a replica) isolated in a temp folder."""
+    import huggingface_hub.constants as constants
+
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    return cache
+
+
+def test_a_hub_adapter_with_a_base_model_name_is_fetched_with_the_secrets_hf_token(
+    volume, hf_cache, tmp_path
+):
+    """An `org/repo@rev` module reaches the launcher, which downloads it with HF_TOKEN (from the
+    Secret the chart references) into the model's cache, and vLLM gets its base_model_name. The Hub
+    is unreachable here: tests/fake_hub.py stands in for it, through the real huggingface_hub client."""
+    from fake_hub import FakeHub
+
+    module = {"name": "math", "path": "org/math-lora@main", "base_model_name": "llama-3.1-8b"}
+    values = {
+        "model": {"name": "meta-llama/Llama-3.1-8B-Instruct", "servedName": "llama-3.1-8b"},
+        "lora": {"enabled": True, "modules": [module]},
+        "secrets": {"hfToken": {"name": "hf-token", "key": "HF_TOKEN"}},
+    }
+    docs = render(values)
+    (container,) = one(docs, "Deployment", "-api")["spec"]["template"]["spec"]["containers"]
+    assert env_of(container)["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "hf-token",
+        "key": "HF_TOKEN",
+    }
+    env = replica_env(docs)
+    assert json.loads(env["LORA_MODULES"]) == [module]
+    files = {p.name: p.read_bytes() for p in (volume / "adapters" / "support-lora").iterdir()}
+    with FakeHub(tmp_path / "hub") as hub:
+        hub.add_repo("org/math-lora", files)
+        hub.gate("org/math-lora", "hf_from_the_secret")
+        argv, plan = engine_start(env, volume, HF_ENDPOINT=hub.url, HF_TOKEN="hf_from_the_secret")
+        assert sorted(hub.downloaded()) == [
+            "org/math-lora/adapter_config.json",
+            "org/math-lora/adapter_model.safetensors",
+        ]
+    (spec,) = plan.adapters
+    assert Path(spec.path).is_relative_to(hf_cache.resolve()) and spec.info.rank == 16
+    assert plan.max_lora_rank == 16  # derived from the adapter, as the image does when maxRank is unset
+    (lora_module,) = vllm_args(argv).lora_modules
+    assert (lora_module.name, lora_module.path, lora_module.base_model_name) == (
+        "math",
+        spec.path,
+        "llama-3.1-8b",
+    )
+
+
+def test_lora_enabled_with_only_runtime_updates_serves_lora_as_lora_dynamic_does(volume):
+    chart = replica_env(render({"lora": {"enabled": True, "runtimeUpdates": True}}))
+    argv, plan = engine_start(chart, volume)
+    docker_argv, docker_plan = engine_start(replica_env(render({})) | {"LORA_DYNAMIC": "true"}, volume)
+    assert (argv, plan_summary(plan)) == (docker_argv, plan_summary(docker_plan))
+    assert plan.enabled and plan.dynamic and plan.adapters == []
+    assert vllm_args(argv).enable_lora
+
+
+def test_lora_config_content_is_a_mounted_configmap_and_lora_dir_a_folder_on_the_volume(volume, tmp_path):
+    """lora.configFile becomes a ConfigMap mounted where LORA_CONFIG points (its checksum on the pod,
+    so a change rolls the replicas); the image parses the mounted file and LORA_DIR as usual."""
+    config = {
+        "base_model": {"model_name": "llama-3.1-8b"},
+        "lora_adapters": [
+            {"name": "sql", "path": "/data/adapters/sql-lora", "description": "SQL"},
+            {"name": "support", "path": "/data/adapters/support-lora"},
+        ],
+        "lora_settings": {"max_loras": 2, "enable_dynamic_loading": True, "cache_size": 4},
+        "auto_load": ["sql"],
+    }
+    values = {
+        "model": {"name": "meta-llama/Llama-3.1-8B-Instruct", "servedName": "llama-3.1-8b"},
+        "lora": {"enabled": True, "configFile": config, "dir": "/data/adapters-dir"},
+    }
+    docs = render(values)
+    cm = one(docs, "ConfigMap", "-lora-config")
+    template = one(docs, "Deployment", "-api")["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "lora-config"]
+    (vol,) = [v for v in template["spec"]["volumes"] if v["name"] == "lora-config"]
+    assert vol["configMap"]["name"] == cm["metadata"]["name"] and mount["readOnly"]
+    env = replica_env(docs)
+    (key,) = cm["data"]
+    assert env["LORA_CONFIG"] == f"{mount['mountPath']}/{key}"
+    assert env["LORA_DIR"] == "/data/adapters-dir" and "LORA_DYNAMIC" not in env  # the file decides
+    assert template["metadata"]["annotations"]["checksum/lora-config"]
+    # The replica's mount, here: the ConfigMap's file written where the pod would see it.
+    mounted = tmp_path / "etc" / key
+    mounted.parent.mkdir()
+    mounted.write_text(cm["data"][key].replace("/data/", f"{volume}/"))
+    assert parse_config(mounted).settings == config["lora_settings"]
+    env["LORA_CONFIG"] = str(mounted)
+    argv, plan = engine_start(env, volume)
+    assert plan.dynamic and (plan.max_loras, plan.max_cpu_loras, plan.max_lora_rank) == (2, 4, 16)
+    assert [(a.name, a.origin, a.at_start) for a in plan.adapters] == [
+        ("sql", "config", True),
+        ("support", "config", False),
+        ("alpha", "dir", True),
+    ]
+    assert sorted(m.name for m in vllm_args(argv).lora_modules) == ["alpha", "sql"]
+
+
+def test_lora_config_render_is_valid_against_the_kubernetes_schemas(tmp_path):
+    values = {"lora": {"enabled": True, "configFile": {"lora_adapters": [{"name": "a", "path": "org/a"}]}}}
+    docs = [d for d in render(values) if d["kind"] in CORE_KINDS]
+    assert "ConfigMap" in {d["kind"] for d in docs}
+    result = kubernetes_validate(docs, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count(" passed ") == len(docs)
+
+
+def test_the_schemas_lora_ranks_are_the_images():
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["lora"]["properties"]
+    assert [r for r in schema["maxRank"]["enum"] if r is not None] == list(ALLOWED_RANKS)
+    file_rank = schema["configFile"]["properties"]["lora_settings"]["properties"]["max_lora_rank"]
+    assert file_rank["enum"] == list(ALLOWED_RANKS)

@@ -53,19 +53,12 @@ app.kubernetes.io/component: {{ .role }}
 {{- end -}}
 {{- end -}}
 
-{{/* ENGINE_EXTRA_ARGS: the user's, then LoRA, multi-node and disaggregation flags (a shell's words). */}}
+{{/* ENGINE_EXTRA_ARGS: the user's, then multi-node and disaggregation flags (a shell's words). LoRA is
+     not here: it goes through the image's LoRA settings (via.loraSettings). */}}
 {{- define "via.engineExtraArgs" -}}
 {{- $v := .Values -}}
 {{- $args := list -}}
 {{- with $v.engine.extraArgs }}{{ $args = append $args . }}{{ end -}}
-{{- if $v.lora.enabled -}}
-{{- $args = append $args (printf "--enable-lora --max-lora-rank %d --max-loras %d" (int $v.lora.maxRank) (int $v.lora.maxLoras)) -}}
-{{- if $v.lora.modules -}}
-{{- $mods := list -}}
-{{- range $v.lora.modules }}{{ $mods = append $mods (printf "%s=%s" .name .path) }}{{ end -}}
-{{- $args = append $args (printf "--lora-modules %s" (join " " $mods)) -}}
-{{- end -}}
-{{- end -}}
 {{- if $v.multiNode.enabled -}}
 {{- $args = append $args (printf "--pipeline-parallel-size %d --distributed-executor-backend ray" (int $v.multiNode.nodes)) -}}
 {{- end -}}
@@ -74,6 +67,36 @@ app.kubernetes.io/component: {{ .role }}
 {{- $args = append $args (printf "--kv-transfer-config '%s'" (toJson $kv)) -}}
 {{- end -}}
 {{- join " " $args -}}
+{{- end -}}
+
+{{/* LoRA: `lora.*` as the image's own settings (app/lora/config.py), so the launcher fetches, checks
+     and turns them into engine flags exactly as with `docker run -e LORA_MODULES=...`. The image turns
+     LoRA on when an adapter source is named or LORA_DYNAMIC is true; `lora.enabled` with neither
+     would serve nothing, so it is refused here. */}}
+{{- define "via.loraConfigPath" -}}/etc/vllm-inference-api/lora/lora.yaml{{- end -}}
+{{- define "via.loraSettings" -}}
+{{- $l := .Values.lora -}}
+{{- $s := dict -}}
+{{- if $l.enabled -}}
+{{- if and $l.config $l.configFile -}}
+{{- fail "lora: set config (a file on the volume) or configFile (its content), not both" -}}
+{{- end -}}
+{{- if not (or $l.modules $l.dir $l.config $l.configFile (eq (toString $l.runtimeUpdates) "true")) -}}
+{{- fail "lora.enabled serves no adapter: name lora.modules, lora.dir, lora.config or lora.configFile, or set lora.runtimeUpdates: true to load adapters at run time" -}}
+{{- end -}}
+{{- if and $l.maxLoras $l.maxCpuLoras (lt (int $l.maxCpuLoras) (int $l.maxLoras)) -}}
+{{- fail (printf "lora.maxCpuLoras (%d) must be at least lora.maxLoras (%d), as vLLM requires" (int $l.maxCpuLoras) (int $l.maxLoras)) -}}
+{{- end -}}
+{{- with $l.modules }}{{ $_ := set $s "LORA_MODULES" (toJson .) }}{{ end -}}
+{{- with $l.dir }}{{ $_ := set $s "LORA_DIR" . }}{{ end -}}
+{{- if $l.configFile }}{{ $_ := set $s "LORA_CONFIG" (include "via.loraConfigPath" .) }}{{ end -}}
+{{- with $l.config }}{{ $_ := set $s "LORA_CONFIG" . }}{{ end -}}
+{{- with $l.maxRank }}{{ $_ := set $s "MAX_LORA_RANK" (toString .) }}{{ end -}}
+{{- with $l.maxLoras }}{{ $_ := set $s "MAX_LORAS" (toString .) }}{{ end -}}
+{{- with $l.maxCpuLoras }}{{ $_ := set $s "MAX_CPU_LORAS" (toString .) }}{{ end -}}
+{{- if not (kindIs "invalid" $l.runtimeUpdates) }}{{ $_ := set $s "LORA_DYNAMIC" (toString $l.runtimeUpdates) }}{{ end -}}
+{{- end -}}
+{{- toYaml $s -}}
 {{- end -}}
 
 {{/* The image's settings as a map (values first, then `env`, which wins). */}}
@@ -94,7 +117,7 @@ app.kubernetes.io/component: {{ .role }}
 {{- with $v.engine.dtype }}{{ $_ := set $s "DTYPE" . }}{{ end -}}
 {{- with $v.engine.quantization }}{{ $_ := set $s "QUANTIZATION" . }}{{ end -}}
 {{- with (include "via.engineExtraArgs" .) }}{{ $_ := set $s "ENGINE_EXTRA_ARGS" . }}{{ end -}}
-{{- if and $v.lora.enabled $v.lora.runtimeUpdates }}{{ $_ := set $s "VLLM_ALLOW_RUNTIME_LORA_UPDATING" "true" }}{{ end -}}
+{{- range $k, $val := include "via.loraSettings" . | fromYaml }}{{ $_ := set $s $k $val }}{{ end -}}
 {{- $_ := set $s "DRAIN_GRACE_SECONDS" (toString $v.drain.graceSeconds) -}}
 {{- $_ := set $s "DRAIN_TIMEOUT" (toString $v.drain.timeoutSeconds) -}}
 {{- $_ := set $s "PORT" (toString $v.service.port) -}}
@@ -190,11 +213,21 @@ containers:
         mountPath: /data
       - name: shm
         mountPath: /dev/shm
+      {{- if and $v.lora.enabled $v.lora.configFile }}
+      - name: lora-config
+        mountPath: {{ include "via.loraConfigPath" .root | dir }}
+        readOnly: true
+      {{- end }}
 volumes:
   - name: shm
     emptyDir:
       medium: Memory
       sizeLimit: {{ $v.shmSize }}
+  {{- if and $v.lora.enabled $v.lora.configFile }}
+  - name: lora-config
+    configMap:
+      name: {{ include "via.fullname" .root }}-lora-config
+  {{- end }}
   {{- if eq $v.persistence.mode "none" }}
   - name: data
     emptyDir: {}
@@ -226,7 +259,12 @@ labels:
   {{- with .root.Values.podLabels }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
-{{- with .root.Values.podAnnotations }}
+{{- $annotations := deepCopy (default (dict) .root.Values.podAnnotations) -}}
+{{- if and .root.Values.lora.enabled .root.Values.lora.configFile }}
+{{- /* LORA_CONFIG is read at start: a changed file rolls the replicas. */ -}}
+{{- $_ := set $annotations "checksum/lora-config" (toYaml .root.Values.lora.configFile | sha256sum) }}
+{{- end }}
+{{- with $annotations }}
 annotations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
