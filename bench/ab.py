@@ -7,7 +7,9 @@ Run-to-run noise on this machine (a shared VM) is larger than most single change
 of `proxy_overhead.py` minutes apart differ by 20%. Here both versions run at once, in the shipped
 configuration (`scripts/start.sh`, ENGINE=external, JSON request log, metrics on), each pinned to
 core 0 in turn against the same nginx upstream (core 1, with wrk), alternating A B B A per round so
-drift falls on both. Printed: each round's req/s, the medians, and B/A per round and overall.
+drift falls on both. Printed: each round's req/s and the proxy's CPU µs per request (its processes'
+utime + stime over wrk's requests; less moved by other load than req/s), the medians, and B/A per
+round and overall (for CPU, lower is better).
 Uses ports 19210-19212.
 """
 
@@ -32,8 +34,10 @@ from harness import (  # noqa: E402
     REQUEST_BODY,
     SSE_REQUEST_BODY,
     Processes,
+    cpu_seconds,
     log,
     nginx_argv,
+    process_tree,
     require_tools,
     run_main,
     run_wrk,
@@ -71,10 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         conf = upstream_nginx_config(tmp, UPSTREAM_PORT, SLOW_PORT, LONG_BODY)
         procs.start("upstream", nginx_argv(conf, LOAD_CORE), UPSTREAM_PORT, ready_path="/health")
         python = {"PYTHON": str(REPO / ".venv" / "bin" / "python")}
+        started = {}
         for name, root, port in (("a", tree, A_PORT), ("b", REPO, B_PORT)):
             env = {**this_proxy_env(tmp, name, port, UPSTREAM_PORT), **python}
             argv_ = ["taskset", "-c", PROXY_CORE, str(root / "scripts" / "start.sh")]
-            procs.start(name, argv_, port, env, ready_path="/health", timeout=60)
+            started[name] = procs.start(name, argv_, port, env, ready_path="/health", timeout=60)
+        pids = {name: process_tree(proc.pid) for name, proc in started.items()}
         bodies = {"json": (REQUEST_BODY, {}), "sse": (SSE_REQUEST_BODY, {BODY_HEADER: "sse"}),
                   "long": (SSE_REQUEST_BODY, {BODY_HEADER: "long"})}  # fmt: skip
         log(f"A = {args.base} ({rev}), B = working tree; c={args.connections}, {args.duration:g} s runs")
@@ -84,23 +90,35 @@ def main(argv: list[str] | None = None) -> int:
             for port in (A_PORT, B_PORT):  # warm-up
                 run_wrk(port, PATH, script, 1.0, args.connections)
             got: dict[str, list[float]] = {"a": [], "b": []}
+            cpu: dict[str, list[float]] = {"a": [], "b": []}  # CPU µs per request
             for round_ in range(args.rounds):
                 for name in ("a", "b", "b", "a"):
                     port = A_PORT if name == "a" else B_PORT
-                    got[name].append(
-                        run_wrk(port, PATH, script, args.duration, args.connections)["requests_per_s"]
-                    )
+                    before = cpu_seconds(pids[name])
+                    run = run_wrk(port, PATH, script, args.duration, args.connections)
+                    used = cpu_seconds(pids[name]) - before
+                    got[name].append(run["requests_per_s"])
+                    cpu[name].append(used / max(run["requests"], 1) * 1e6)
                 a, b = got["a"][-2:], got["b"][-2:]
+                ca, cb = statistics.fmean(cpu["a"][-2:]), statistics.fmean(cpu["b"][-2:])
                 log(f"  {kind} round {round_}: A {statistics.fmean(a):8,.0f}  B {statistics.fmean(b):8,.0f} "
-                    f"req/s  B/A {statistics.fmean(b) / statistics.fmean(a):.3f}")  # fmt: skip
+                    f"req/s  B/A {statistics.fmean(b) / statistics.fmean(a):.3f}; "
+                    f"CPU µs/req A {ca:6.1f}  B {cb:6.1f}  B/A {cb / ca:.3f}")  # fmt: skip
             pairs = [
                 statistics.fmean(got["b"][i : i + 2]) / statistics.fmean(got["a"][i : i + 2])
                 for i in range(0, len(got["a"]), 2)
             ]
+            cpu_pairs = [
+                statistics.fmean(cpu["b"][i : i + 2]) / statistics.fmean(cpu["a"][i : i + 2])
+                for i in range(0, len(cpu["a"]), 2)
+            ]
             a_med, b_med = statistics.median(got["a"]), statistics.median(got["b"])
+            ca_med, cb_med = statistics.median(cpu["a"]), statistics.median(cpu["b"])
             print(
                 f"{kind:5} c={args.connections}: A {a_med:,.0f} req/s, B {b_med:,.0f} req/s (medians); "
-                f"B/A {b_med / a_med:.3f}, per round {min(pairs):.3f}-{max(pairs):.3f}",
+                f"B/A {b_med / a_med:.3f}, per round {min(pairs):.3f}-{max(pairs):.3f}; "
+                f"CPU µs/req A {ca_med:.1f}, B {cb_med:.1f}: B/A {cb_med / ca_med:.3f}, "
+                f"per round {min(cpu_pairs):.3f}-{max(cpu_pairs):.3f}",
                 flush=True,
             )
     return 0
