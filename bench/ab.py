@@ -8,8 +8,8 @@ of `proxy_overhead.py` minutes apart differ by 20%. Here both versions run at on
 configuration (`scripts/start.sh`, ENGINE=external, JSON request log, metrics on), each pinned to
 core 0 in turn against the same nginx upstream (core 1, with wrk), alternating A B B A per round so
 drift falls on both. Printed: each round's req/s and the proxy's CPU µs per request (its processes'
-utime + stime over wrk's requests; less moved by other load than req/s), the medians, and B/A per
-round and overall (for CPU, lower is better).
+utime + stime over wrk's requests: not tied to the share of the core other jobs leave it), the
+medians, and B/A per round and overall (for CPU, lower is better).
 Uses ports 19210-19212.
 """
 
