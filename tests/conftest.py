@@ -41,3 +41,25 @@ def smollm2_model() -> Path:
         return build_smollm2(MODELS_DIR / "smollm2")
     except Unavailable as exc:
         pytest.fail(str(exc))
+
+
+@pytest.fixture
+def hf_cache(monkeypatch, tmp_path):
+    """huggingface_hub's cache (the model's: adapters from the Hub land in it) isolated in a temp
+    folder, with no token and no telemetry (tests of Hub downloads against tests/fake_hub.py)."""
+    import huggingface_hub.constants as constants
+
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    try:
+        from huggingface_hub.utils import _detect_agent
+    except ImportError:
+        pass
+    else:
+        monkeypatch.setattr(_detect_agent, "_registry", _detect_agent._EMPTY_REGISTRY)
+    return cache

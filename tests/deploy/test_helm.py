@@ -606,21 +606,6 @@ def test_the_lora_example_starts_the_engine_as_the_docker_run_lora_env_does(rend
     assert (args.enable_lora, args.max_lora_rank, args.max_loras, args.max_cpu_loras) == (True, 16, 4, 8)
 
 
-@pytest.fixture
-def hf_cache(monkeypatch, tmp_path):
-    """huggingface_hub's cache (the model's, on /data in a replica) isolated in a temp folder."""
-    import huggingface_hub.constants as constants
-
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    cache = tmp_path / "hf-cache"
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    return cache
-
-
 def test_a_hub_adapter_with_a_base_model_name_is_fetched_with_the_secrets_hf_token(
     volume, hf_cache, tmp_path
 ):

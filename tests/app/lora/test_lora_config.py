@@ -202,27 +202,6 @@ def test_trtllm_cannot_load_at_run_time_so_everything_loads_at_start(adapters, t
 # --- adapters from the Hugging Face Hub (fake) and from S3 (moto) ---------------------------------
 
 
-@pytest.fixture
-def hf_cache(monkeypatch, tmp_path):
-    """The model's cache (huggingface_hub's default, from HF_HOME) isolated in a temp folder."""
-    import huggingface_hub.constants as constants
-
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    cache = tmp_path / "hf-cache"
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    try:
-        from huggingface_hub.utils import _detect_agent
-    except ImportError:
-        pass
-    else:
-        monkeypatch.setattr(_detect_agent, "_registry", _detect_agent._EMPTY_REGISTRY)
-    return cache
-
-
 def test_a_hub_adapter_is_downloaded_with_hf_token_into_the_models_cache(adapters, tmp_path, hf_cache):
     files = {p.name: p.read_bytes() for p in (adapters / "r16").iterdir()}
     with FakeHub(tmp_path / "hub") as hub:
