@@ -94,8 +94,9 @@ def _uvicorn_internals_missing() -> list[str]:
             "disconnected",
             "transport",
             "flow",
+            "message_event",
         ),
-        HttpToolsProtocol: ("flow", "cycle"),
+        HttpToolsProtocol: ("flow", "cycle", "pipeline"),
         getattr(httptools_impl, "FlowControl", None): ("write_paused",),
     }
     for cls, names in assigned.items():
@@ -315,6 +316,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     _head_left: int | None = None
     _heads = 0  # heads completed on this connection
     _writer: BodyWriter | None = None  # the response being relayed straight into the transport
+    # Requests still being answered when a pipelined one behind them was parsed: uvicorn keeps only
+    # the newest (`cycle`) and the queued ones (`pipeline`), so a hang-up would not reach these.
+    _earlier: tuple[Any, ...] = ()
 
     def _arm(self) -> None:
         if self._guard is not None:
@@ -421,6 +425,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._arm()
 
     def on_headers_complete(self) -> None:
+        previous = self.cycle
+        if previous is not None and not previous.response_complete:  # pipelined (rare)
+            self._earlier = (*(c for c in self._earlier if not c.response_complete), previous)
         self._in_headers = False
         self._head_left = None
         self._heads += 1
@@ -443,8 +450,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_left = MAX_HEAD_BYTES  # what follows is the next request's head
         super().on_message_complete()
 
+    def _open_cycles(self) -> list[Any]:
+        """Every request on this connection not answered yet, oldest first."""
+        cycles = [*self._earlier, *(cycle for cycle, _ in reversed(self.pipeline)), self.cycle]
+        return [c for c in dict.fromkeys(cycles) if c is not None and not c.response_complete]
+
     def _abort(self, scope: dict) -> None:
-        cycles = [self.cycle, *(cycle for cycle, _ in self.pipeline)]
+        cycles = self._open_cycles()
         for cycle in cycles:
             if cycle is not None and cycle.scope is scope:
                 cycle.disconnected = True  # nothing more is written for it, and no error logged
@@ -488,9 +500,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         at once (closing would wait for the buffer to drain, which it never does). The request's
         task sees the hang-up: 499, and the engine's work aborted."""
         self._send_guard = None
-        cycle = self.cycle
-        if cycle is not None and not cycle.response_complete:
-            rec = cycle.scope.get(RECORD_KEY)
+        cycles = self._open_cycles()
+        if cycles:  # the oldest: the one being written
+            rec = cycles[0].scope.get(RECORD_KEY)
             if rec is not None:
                 rec.error = f"client read nothing for {self.send_timeout:g} s (CLIENT_SEND_TIMEOUT)"
         self.transport.abort()
@@ -506,9 +518,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._send_guard = None
         if self._writer is not None:
             self._writer.closed = True
-        cycle = self.cycle
-        if cycle is not None and not cycle.response_complete and (hook := cycle.scope.get(HANGUP_HOOK)):
-            hook()
+        for cycle in self._open_cycles():
+            if cycle is not self.cycle:  # uvicorn tells only the newest
+                cycle.disconnected = True
+                cycle.message_event.set()
+            if hook := cycle.scope.get(HANGUP_HOOK):
+                hook()
+        self._earlier = ()
         super().connection_lost(exc)
 
 

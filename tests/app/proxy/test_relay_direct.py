@@ -153,6 +153,30 @@ def test_a_client_hanging_up_mid_stream_closes_the_engines_connection(proxy):
     assert proxy.logs.request("hangup-1")["status"] == 499
 
 
+def test_a_client_hanging_up_with_a_request_pipelined_behind_its_stream_aborts_the_stream(proxy):
+    """uvicorn keeps only the newest request of a connection: the stream being answered, with a
+    second request pipelined behind it, was not told of the hang-up and the engine went on."""
+    body = b'{"model":"m","prompt":"x","stream":true}'
+
+    def request(rid: bytes) -> bytes:
+        return (
+            b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"x-raw: endless\r\nx-request-id: %b\r\ncontent-length: %d\r\n\r\n%b" % (rid, len(body), body)
+        )
+
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(request(b"piped-1") + request(b"piped-2"))
+        sock.settimeout(10)
+        got = b""
+        while got.count(b"data: ") < 3:
+            got += sock.recv(65536)
+    hung_up = time.monotonic()
+    while "piped-1" not in cut and time.monotonic() < hung_up + 5:
+        time.sleep(0.02)
+    assert "piped-1" in cut, "the engine's connection stayed open after the client hung up"
+    assert proxy.logs.request("piped-1")["status"] == 499
+
+
 class _Body:
     """httptools callbacks: the response body's length and its last bytes."""
 
