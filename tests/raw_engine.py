@@ -18,6 +18,7 @@ import collections
 import socket
 import struct
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -171,18 +172,57 @@ async def serve_forever(conn: RawConn, answer: bytes | Callable[[Request], bytes
         await conn.send(answer(request) if callable(answer) else answer)
 
 
+def stream_request(rid: str, headers: bytes = b"") -> bytes:
+    """A streamed completion request's bytes, with `headers` (whole lines) added."""
+    body = b'{"model":"m","prompt":"x","stream":true}'
+    return (
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"%bx-request-id: %b\r\ncontent-length: %d\r\n\r\n%b" % (headers, rid.encode(), len(body), body)
+    )
+
+
 def slow_client(port: int, rid: str, headers: bytes = b"") -> socket.socket:
     """A client with a small receive window that has sent a streamed completion request and reads
     nothing yet (back-pressure and stall tests)."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # before connecting: a small window
     sock.connect(("127.0.0.1", port))
-    body = b'{"model":"m","prompt":"x","stream":true}'
-    sock.sendall(
-        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        b"%bx-request-id: %b\r\ncontent-length: %d\r\n\r\n%b" % (headers, rid.encode(), len(body), body)
-    )
+    sock.sendall(stream_request(rid, headers))
     return sock
+
+
+class ResponseBody:
+    """httptools callbacks: a response body's length and its last bytes."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.tail = b""
+        self.done = False
+
+    def on_body(self, body: bytes) -> None:
+        self.size += len(body)
+        self.tail = (self.tail + body)[-64:]
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
+def read_response(
+    sock: socket.socket, size: int = 1 << 20, pause: float = 0.0, timeout: float = 30
+) -> ResponseBody:
+    """Read one response until it is whole or the connection ends (then `done` is False): `size`
+    bytes at most per read, `pause` seconds between reads (a slow reader)."""
+    body = ResponseBody()
+    parser = httptools.HttpResponseParser(body)
+    sock.settimeout(timeout)
+    while not body.done:
+        data = sock.recv(size)
+        if not data:
+            break
+        parser.feed_data(data)
+        if pause:
+            time.sleep(pause)
+    return body
 
 
 def ok(body: bytes = b"ok", *, headers: bytes = b"") -> bytes:

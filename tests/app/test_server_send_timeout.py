@@ -13,11 +13,10 @@ from __future__ import annotations
 import socket
 import time
 
-import httptools
 import pytest
 
 from inproc import InProcessProxy
-from raw_engine import RawConn, RawEngineThread, slow_client
+from raw_engine import RawConn, RawEngineThread, read_response, slow_client
 
 EVENT = b"data: " + b"x" * (16 * 1024 - 8) + b"\n\n"  # 16 KiB
 TOTAL = 48 << 20  # more than every buffer between the engine and a client that reads nothing
@@ -99,36 +98,18 @@ def test_a_client_that_reads_nothing_is_cut_after_the_send_timeout(proxy, mode):
     assert "CLIENT_SEND_TIMEOUT" in line["error"], line["error"]
 
 
-class _Body:
-    def __init__(self) -> None:
-        self.size = 0
-        self.done = False
-
-    def on_body(self, body: bytes) -> None:
-        self.size += len(body)
-
-    def on_message_complete(self) -> None:
-        self.done = True
-
-
 @pytest.mark.parametrize("mode", ["sse", "length"])
 def test_a_client_reading_slowly_but_steadily_is_never_cut(proxy, mode):
     """8 MiB read 64 KiB at a time, 30 ms apart: several times the send timeout, and whole."""
     rid = f"steady-{mode}"
     total = 8 << 20
     sock = request(proxy, rid, mode, total)
-    body = _Body()
-    parser = httptools.HttpResponseParser(body)
-    sock.settimeout(10)
     started = time.monotonic()
     try:
-        while not body.done:
-            data = sock.recv(64 * 1024)
-            assert data, "the proxy ended the connection of a client that reads"
-            parser.feed_data(data)
-            time.sleep(0.03)
+        body = read_response(sock, 64 * 1024, pause=0.03, timeout=10)
     finally:
         sock.close()
+    assert body.done, "the proxy ended the connection of a client that reads"
     assert time.monotonic() - started > 3 * SEND_TIMEOUT  # it really was slow
     payload = total // len(EVENT) * len(EVENT)
     assert body.size == payload

@@ -16,12 +16,11 @@ import threading
 import time
 from typing import Any
 
-import httptools
 import httpx
 import pytest
 
 from inproc import InProcessProxy
-from raw_engine import RawConn, RawEngineThread, slow_client
+from raw_engine import RawConn, RawEngineThread, read_response, slow_client, stream_request
 
 SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 BIG_EVENT = b"data: " + b"x" * (64 * 1024 - 8) + b"\n\n"  # 64 KiB
@@ -156,16 +155,11 @@ def test_a_client_hanging_up_mid_stream_closes_the_engines_connection(proxy):
 def test_a_client_hanging_up_with_a_request_pipelined_behind_its_stream_aborts_the_stream(proxy):
     """uvicorn keeps only the newest request of a connection: the stream being answered, with a
     second request pipelined behind it, was not told of the hang-up and the engine went on."""
-    body = b'{"model":"m","prompt":"x","stream":true}'
-
-    def request(rid: bytes) -> bytes:
-        return (
-            b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            b"x-raw: endless\r\nx-request-id: %b\r\ncontent-length: %d\r\n\r\n%b" % (rid, len(body), body)
-        )
-
     with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
-        sock.sendall(request(b"piped-1") + request(b"piped-2"))
+        sock.sendall(
+            stream_request("piped-1", b"x-raw: endless\r\n")
+            + stream_request("piped-2", b"x-raw: endless\r\n")
+        )
         sock.settimeout(10)
         got = b""
         while got.count(b"data: ") < 3:
@@ -175,22 +169,6 @@ def test_a_client_hanging_up_with_a_request_pipelined_behind_its_stream_aborts_t
         time.sleep(0.02)
     assert "piped-1" in cut, "the engine's connection stayed open after the client hung up"
     assert proxy.logs.request("piped-1")["status"] == 499
-
-
-class _Body:
-    """httptools callbacks: the response body's length and its last bytes."""
-
-    def __init__(self) -> None:
-        self.size = 0
-        self.tail = b""
-        self.done = False
-
-    def on_body(self, body: bytes) -> None:
-        self.size += len(body)
-        self.tail = (self.tail + body)[-64:]
-
-    def on_message_complete(self) -> None:
-        self.done = True
 
 
 def _settled(rid: str, quiet: float = 1.0, timeout: float = 20) -> int:
@@ -207,18 +185,6 @@ def _settled(rid: str, quiet: float = 1.0, timeout: float = 20) -> int:
     return pushed.get(rid, 0)
 
 
-def _read_all(sock: socket.socket) -> _Body:
-    body = _Body()
-    parser = httptools.HttpResponseParser(body)
-    sock.settimeout(30)
-    while not body.done:
-        data = sock.recv(1 << 20)
-        if not data:
-            break
-        parser.feed_data(data)
-    return body
-
-
 def test_a_client_that_does_not_read_holds_the_engine_back_and_the_proxy_buffers_little(proxy):
     """The client reads nothing while the engine has 64 MiB to send: the proxy stops reading the
     engine once the client's socket is full, so the engine gets only what the sockets' kernel
@@ -232,7 +198,7 @@ def test_a_client_that_does_not_read_holds_the_engine_back_and_the_proxy_buffers
         held = _settled("slow-reader")
         time.sleep(1.5)  # past the idle timeout while held back
         assert held < 24 << 20, f"the engine pushed {held >> 20} MiB into a proxy whose client reads nothing"
-        body = _read_all(sock)
+        body = read_response(sock)
     finally:
         sock.close()
     assert body.done and body.tail.endswith(b"data: [DONE]\n\n")
