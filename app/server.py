@@ -456,9 +456,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         return [c for c in dict.fromkeys(cycles) if c is not None and not c.response_complete]
 
     def _abort(self, scope: dict) -> None:
-        cycles = self._open_cycles()
-        for cycle in cycles:
-            if cycle is not None and cycle.scope is scope:
+        for cycle in self._open_cycles():
+            if cycle.scope is scope:
                 cycle.disconnected = True  # nothing more is written for it, and no error logged
         self._disarm()
         self.transport.close()  # what was written still leaves, then the connection ends
