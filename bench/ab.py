@@ -59,6 +59,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def per_round(series: dict[str, list[float]]) -> list[float]:
+    """B/A of each round (A B B A: two figures of each side a round)."""
+    a, b = series["a"], series["b"]
+    return [statistics.fmean(b[i : i + 2]) / statistics.fmean(a[i : i + 2]) for i in range(0, len(a), 2)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     require_tools()
@@ -104,14 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"  {kind} round {round_}: A {statistics.fmean(a):8,.0f}  B {statistics.fmean(b):8,.0f} "
                     f"req/s  B/A {statistics.fmean(b) / statistics.fmean(a):.3f}; "
                     f"CPU µs/req A {ca:6.1f}  B {cb:6.1f}  B/A {cb / ca:.3f}")  # fmt: skip
-            pairs = [
-                statistics.fmean(got["b"][i : i + 2]) / statistics.fmean(got["a"][i : i + 2])
-                for i in range(0, len(got["a"]), 2)
-            ]
-            cpu_pairs = [
-                statistics.fmean(cpu["b"][i : i + 2]) / statistics.fmean(cpu["a"][i : i + 2])
-                for i in range(0, len(cpu["a"]), 2)
-            ]
+            pairs, cpu_pairs = per_round(got), per_round(cpu)
             a_med, b_med = statistics.median(got["a"]), statistics.median(got["b"])
             ca_med, cb_med = statistics.median(cpu["a"]), statistics.median(cpu["b"])
             print(
