@@ -103,15 +103,19 @@ def env_of(container: dict) -> dict[str, dict]:
     return {e["name"]: e for e in container.get("env", [])}
 
 
+def plain_env(container: dict) -> dict[str, str]:
+    """The plain values of a container's env (not those from Secrets)."""
+    return {name: e["value"] for name, e in env_of(container).items() if "value" in e}
+
+
 def settings_from(container: dict) -> Settings:
-    values = {name: e["value"] for name, e in env_of(container).items() if "value" in e and name in ENV_NAMES}
-    return Settings(**values)
+    return Settings(**{name: v for name, v in plain_env(container).items() if name in ENV_NAMES})
 
 
 def replica_env(docs: list[dict]) -> dict[str, str]:
     """The plain values of the replica container's env."""
     (container,) = one(docs, "Deployment", "-api")["spec"]["template"]["spec"]["containers"]
-    return {name: e["value"] for name, e in env_of(container).items() if "value" in e}
+    return plain_env(container)
 
 
 def engine_start(env: dict[str, str], volume: Path, **more: str) -> tuple[list[str], object]:
@@ -258,7 +262,7 @@ def test_the_replicas_engine_flags_are_accepted_by_vllms_parser(example, rendere
     parsed = {}
     for role, tpl in serving(rendered[example]):
         (container,) = tpl["spec"]["containers"]
-        env = {name: e["value"] for name, e in env_of(container).items() if "value" in e}
+        env = plain_env(container)
         assert "lora" not in env.get("ENGINE_EXTRA_ARGS", "")  # LoRA goes through the image's settings
         argv, _ = engine_start(env, volume)
         parsed[role] = vllm_args(argv)
