@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +12,44 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 MODELS_DIR = Path(os.environ.get("TINY_MODELS_DIR", ROOT / ".cache" / "models"))
+
+
+# --- tests leave the checkout as they found it ---------------------------------------------------
+# A test that wrote into the checkout once got its file committed (a SQLite database named
+# `:memory:`, a path the usage store does not treat as SQLite's in-memory name). Files that
+# appear in the checkout during the run, not ignored by git, fail it.
+
+_UNTRACKED = pytest.StashKey[frozenset]()
+
+
+def _untracked() -> frozenset[str] | None:
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "--others", "--exclude-standard", "-z"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):  # not a git checkout: nothing to compare
+        return None
+    return frozenset(name for name in out.decode(errors="replace").split("\0") if name)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    before = _untracked()
+    if before is not None:
+        session.config.stash[_UNTRACKED] = before
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    before = session.config.stash.get(_UNTRACKED, None)
+    after = _untracked() if before is not None else None
+    if before is None or after is None or not (new := sorted(after - before)):
+        return
+    listed = "\n  ".join(new)
+    sys.stderr.write(f"\nThe tests wrote into the checkout (use tmp_path, or .gitignore it):\n  {listed}\n")
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

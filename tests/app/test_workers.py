@@ -154,13 +154,14 @@ def test_only_the_first_worker_writes_history_and_runs_batches(monkeypatch):
 
 
 @pytest.mark.parametrize(("current", "slots", "places"), [(None, 5, 3), ((0, 2), 3, 2), ((1, 4), 2, 1)])
-def test_each_worker_admits_its_share_of_the_limits(monkeypatch, current, slots, places):
+def test_each_worker_admits_its_share_of_the_limits(monkeypatch, tmp_path, current, slots, places):
     """Each process keeps its own queue: with N workers each takes 1/N of every limit, rounded up."""
     from app.main import create_app
 
     monkeypatch.setattr(workers, "_current", current)
+    usage_db = tmp_path / "usage.sqlite3"
     app = create_app(
-        Settings(MODEL_NAME="m", MAX_CONCURRENT_REQUESTS=5, MAX_QUEUED_REQUESTS=3, USAGE_DB_PATH=":memory:")
+        Settings(MODEL_NAME="m", MAX_CONCURRENT_REQUESTS=5, MAX_QUEUED_REQUESTS=3, USAGE_DB_PATH=usage_db)
     )
     admission = app.app.proxy.admission
     assert (admission.max_concurrent, admission.max_queued) == (slots, places)
