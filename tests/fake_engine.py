@@ -81,6 +81,11 @@ class FakeEngine:
                 self.held -= 1
         if mode == "status":
             return web.json_response({"error": {"message": "nope", "type": "BadRequestError"}}, status=400)
+        if mode == "large":  # 5 MiB: vLLM's chat field order puts prompt_logprobs after usage
+            usage = {"prompt_tokens": 4000, "completion_tokens": 2, "total_tokens": 4002}
+            tail = [{str(i): {"logprob": -1.0, "rank": 1, "decoded_token": "usage"}} for i in range(75_000)]
+            body = json.dumps({"id": "c", "choices": [], "usage": usage, "prompt_logprobs": tail})
+            return web.Response(body=body.encode(), content_type="application/json")
         if mode == "models":  # vLLM's GET /v1/models, serving "m" and the adapter "allowed"
             data = [{"id": i, "object": "model", "owned_by": "vllm", "root": "m"} for i in ("m", "allowed")]
             return web.json_response({"object": "list", "data": data})

@@ -30,7 +30,8 @@ from app.keys import KeyEntry, KeyRing
 from app.middleware import BATCH_OWNER_KEY, RECORD_KEY, RequestRecord
 from app.proxy.headers import HOP_BY_HOP, Headers, filter_headers, get_header
 from app.proxy.request_body import BodyRefused, inspect_json, is_json_type
-from app.proxy.sse import StreamObserver, is_final, usage_counts
+from app.proxy.response_body import UsageFinder
+from app.proxy.sse import StreamObserver, is_final
 from app.proxy.upstream import Upstream, UpstreamError, UpstreamResponse
 from app.routes import ADMIN, ENGINE
 from app.runtime import Phase, Runtime
@@ -57,7 +58,7 @@ _RESPONSE_DROP = frozenset(
         b"access-control-max-age",
     }
 )
-_MAX_ACCOUNTED_BODY = 4 * 1024 * 1024  # non-stream bodies larger than this are relayed unparsed
+_MAX_ACCOUNTED_BODY = 4 * 1024 * 1024  # error bodies (and model lists) larger than this are not parsed
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 _JSON = b"application/json"
 # Under a server without the hang-up hook, `receive` is watched from this age on: quicker
@@ -680,6 +681,9 @@ class ProxyHandler:
         return await _end_stream(send, watch, complete, last, rest, tail)
 
     async def _relay_body(self, resp: UpstreamResponse, send, rec, watch) -> bool:
+        # An error body is kept for its message (they are small); an answer is searched for its
+        # usage as it passes, whatever its size (app/proxy/response_body.py).
+        usage = UsageFinder() if resp.status < 400 else None
         kept: list[bytes] = []
         size = 0
         while True:
@@ -691,7 +695,9 @@ class ProxyHandler:
                 watch.abort()
                 return False
             last = not chunk or resp.at_end
-            if size <= _MAX_ACCOUNTED_BODY:
+            if usage is not None:
+                usage.feed(chunk)
+            elif size <= _MAX_ACCOUNTED_BODY:
                 kept.append(chunk)
                 size += len(chunk)
             if last:  # usually the whole body arrived in one read: one send
@@ -699,19 +705,11 @@ class ProxyHandler:
                 await send({"type": "http.response.body", "body": chunk})
                 break
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        if size <= _MAX_ACCOUNTED_BODY:
-            self._account(resp.status, kept[0] if len(kept) == 1 else b"".join(kept), rec)
+        if usage is not None:
+            rec.prompt_tokens, rec.completion_tokens = usage.counts()
+        elif size <= _MAX_ACCOUNTED_BODY:
+            rec.error = error_message(kept[0] if len(kept) == 1 else b"".join(kept))
         return True
-
-    @staticmethod
-    def _account(status: int, body: bytes, rec: RequestRecord) -> None:
-        if status >= 400:
-            rec.error = error_message(body)
-        elif b'"usage"' in body:
-            try:
-                rec.prompt_tokens, rec.completion_tokens = usage_counts(orjson.loads(body))
-            except orjson.JSONDecodeError:
-                pass
 
     # --- request body -------------------------------------------------------------------------
 

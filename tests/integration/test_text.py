@@ -45,6 +45,30 @@ def test_chat_completion_and_its_log_line(client, text_stack):
     assert line["level"] == "info" and "timestamp" in line
 
 
+def test_usage_is_logged_when_prompt_logprobs_follow_it(client, text_stack):
+    """vLLM writes a chat answer's prompt_logprobs after its usage (megabytes, for a long prompt):
+    the proxy finds the usage without parsing the body whole (app/proxy/response_body.py). This
+    checks that layout and the counts on real vLLM; an answer over 4 MiB, which the proxy did not
+    count before, is in tests/app/proxy/test_handler.py."""
+    request_id = rid("prompt-logprobs")
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "usage: the usage of usage " * 20}],
+        max_tokens=4,
+        extra_body={"prompt_logprobs": 5},
+        extra_headers={"X-Request-ID": request_id},
+    )
+    body = raw.http_response.content
+    assert body.index(b'"usage":') < body.index(b'"prompt_logprobs":[')  # the layout this is about
+    usage = raw.parse().usage
+    line = text_stack.request_log(request_id)
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (
+        usage.prompt_tokens,
+        usage.completion_tokens,
+    )
+    assert usage.prompt_tokens > 60
+
+
 def test_completion(client, text_stack):
     request_id = rid("cmpl")
     resp = client.completions.create(

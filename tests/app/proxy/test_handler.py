@@ -129,6 +129,17 @@ def test_non_stream_usage_is_logged(proxy):
     assert line["tokens_per_second"] > 0
 
 
+def test_usage_of_an_answer_larger_than_4_mib_is_logged(proxy):
+    """Fake: a 5 MiB answer with its usage before prompt_logprobs, as vLLM's chat writes them (the
+    layout from real vLLM is in tests/integration/test_text.py). Before, the proxy kept at most
+    4 MiB of an answer to parse it whole: this one's tokens were never counted."""
+    r = post(proxy, headers={"x-fake": "large", "x-request-id": "large-1"})
+    assert r.status_code == 200 and len(r.content) > 4 * 1024 * 1024
+    assert r.json()["usage"]["prompt_tokens"] == 4000
+    line = proxy.logs.request("large-1")
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (4000, 2)
+
+
 def test_engine_errors_pass_through_unchanged_and_are_logged(proxy):
     r = post(proxy, headers={"x-fake": "status", "x-request-id": "err-1"})
     assert r.status_code == 400 and r.json() == {"error": {"message": "nope", "type": "BadRequestError"}}
