@@ -123,10 +123,11 @@ from bench.harness import (  # noqa: E402
 
 NGINX_PORT, SLOW_PORT, NGINX_PROXY_PORT = 19200, 19201, 19202
 ROUTER_PORT, ROUTER_METRICS_PORT, THIS_PROXY_PORT = 19203, 19204, 19205
+FLOOR_PORT = 19209
 E2E_ENGINE_PORT, E2E_PROXY_PORT, E2E_NGINX_PORT = 19206, 19207, 19208
 E2E_VIAS = ("direct", "nginx-proxy", "this-proxy")
 
-CONTENDERS = ("direct", "nginx-proxy", "vllm-router", "this-proxy")
+CONTENDERS = ("direct", "nginx-proxy", "vllm-router", "this-proxy", "uvicorn-floor")
 BASELINE = "vllm-router"
 KINDS = ("json", "sse")
 PATH = "/v1/chat/completions"
@@ -248,6 +249,12 @@ def start_contenders(names: list[str], procs: Processes, tmp: Path, router: Path
             env = this_proxy_env(tmp, name, THIS_PROXY_PORT, NGINX_PORT)
             proc = procs.start(name, argv, THIS_PROXY_PORT, env, ready_path="/health", timeout=60)
             contenders.append(Contender(name, THIS_PROXY_PORT, proc))
+        elif name == "uvicorn-floor":  # uvicorn and the proxy's client, nothing else of the proxy
+            argv = ["taskset", "-c", PROXY_CORE, sys.executable, "-m", "uvicorn", "bench.proxies.own:app",
+                    "--host", HOST, "--port", str(FLOOR_PORT), "--http", "httptools", "--loop", "uvloop",
+                    "--no-access-log", "--log-level", "warning", "--no-server-header", "--no-date-header"]  # fmt: skip
+            env = {"BENCH_UPSTREAM": f"http://{HOST}:{NGINX_PORT}"}
+            contenders.append(Contender(name, FLOOR_PORT, procs.start(name, argv, FLOOR_PORT, env)))
     for contender in contenders:
         contender.rss_start = rss_bytes(contender.pids())
     return contenders

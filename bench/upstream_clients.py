@@ -14,7 +14,7 @@ headers, and relays status, headers and body chunks back as they arrive), in fro
 - load: wrk, `-t1 -c32 -d5s --latency` by default, POSTing a chat request; nginx and wrk are pinned to
   core 1, the proxy under test to core 0, so the proxy gets one whole core;
 - contenders: `direct` (wrk straight to nginx, no proxy: the ceiling, though a low one, as nginx
-  shares core 1 with wrk there), `aiohttp`, `httpx`, `httpx2`, `pyreqwest` (with a 1-byte streamed
+  shares core 1 with wrk there), `own` (the proxy's own client, `app/proxy/upstream.py`), `aiohttp`, `httpx`, `httpx2`, `pyreqwest` (with a 1-byte streamed
   read buffer) and `pyreqwest-readahead` (the same with pyreqwest's default 64 KiB read-ahead, kept as
   the control that the TTFB column must catch).
 
@@ -102,6 +102,7 @@ class Contender:
 
 CONTENDERS = [
     Contender("direct", None, None),
+    Contender("own", "own", "httptools"),
     Contender("aiohttp", "aiohttp", "aiohttp"),
     Contender("httpx", "httpx", "httpx"),
     Contender("httpx2", "httpx2", "httpx2"),

@@ -1,4 +1,4 @@
-"""Contender: aiohttp `ClientSession` (the client `app/proxy/upstream.py` uses), configured the same way."""
+"""Contender: aiohttp `ClientSession` (the client the proxy used before its own), configured as it was."""
 
 from __future__ import annotations
 
