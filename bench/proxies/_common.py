@@ -29,6 +29,7 @@ _HOP_BY_HOP = frozenset(
 )
 _REQUEST_DROP = _HOP_BY_HOP | {"host", "content-length", "expect"}
 _RESPONSE_DROP = _HOP_BY_HOP | {"content-length"}
+_REQUEST_DROP_BYTES = frozenset(name.encode() for name in _REQUEST_DROP)
 
 
 def request_headers(scope: dict) -> list[tuple[str, str]]:
@@ -38,6 +39,11 @@ def request_headers(scope: dict) -> list[tuple[str, str]]:
         for raw, value in scope["headers"]
         if (name := raw.decode("latin-1")) not in _REQUEST_DROP
     ]
+
+
+def request_header_pairs(scope: dict) -> list[tuple[bytes, bytes]]:
+    """The same, as the bytes pairs ASGI gives (the proxy's own client takes those)."""
+    return [(name, value) for name, value in scope["headers"] if name not in _REQUEST_DROP_BYTES]
 
 
 def response_headers(pairs) -> list[tuple[bytes, bytes]]:

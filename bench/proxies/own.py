@@ -6,11 +6,9 @@ proxy's cost per request."""
 from __future__ import annotations
 
 from app.proxy.upstream import Upstream
-from bench.proxies._common import UPSTREAM, lifespan, read_body, response_headers
+from bench.proxies._common import UPSTREAM, lifespan, read_body, request_header_pairs, response_headers
 
 client: Upstream | None = None
-_DROP = frozenset({b"host", b"content-length", b"expect", b"connection", b"keep-alive", b"te",
-                   b"transfer-encoding", b"upgrade", b"trailer", b"proxy-authorization"})  # fmt: skip
 
 
 async def startup() -> None:
@@ -27,8 +25,8 @@ async def app(scope, receive, send) -> None:
     if scope["type"] == "lifespan":
         return await lifespan(receive, send, startup, shutdown)
     body = await read_body(receive)
-    headers = [(name, value) for name, value in scope["headers"] if name not in _DROP]
-    resp = await client.request(scope["method"], scope["raw_path"].decode("latin-1"), headers, body)
+    target = scope["raw_path"].decode("latin-1")
+    resp = await client.request(scope["method"], target, request_header_pairs(scope), body)
     try:
         await send(
             {"type": "http.response.start", "status": resp.status, "headers": response_headers(resp.headers)}
