@@ -69,6 +69,32 @@ def test_usage_is_logged_when_prompt_logprobs_follow_it(client, text_stack):
     assert usage.prompt_tokens > 60
 
 
+def test_usage_of_an_answer_over_4_mib_is_logged(client, text_stack):
+    """An answer larger than the 4 MiB the proxy used to keep for parsing (logprobs of every prompt
+    position, twice, and prompt_logprobs): before, its tokens were counted nowhere."""
+    request_id = rid("big-answer")
+    raw = client.completions.with_raw_response.create(
+        model=MODEL,
+        prompt=[100 + i % 50 for i in range(3000)],  # token ids: exactly 3,000 prompt tokens
+        max_tokens=2,
+        echo=True,
+        logprobs=20,
+        n=2,
+        temperature=0.8,
+        extra_body={"prompt_logprobs": 20},
+        extra_headers={"X-Request-ID": request_id},
+        timeout=120,
+    )
+    assert len(raw.http_response.content) > 4 * 1024 * 1024
+    usage = raw.parse().usage
+    line = text_stack.request_log(request_id)
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (
+        usage.prompt_tokens,
+        usage.completion_tokens,
+    )
+    assert usage.prompt_tokens == 3000
+
+
 def test_completion(client, text_stack):
     request_id = rid("cmpl")
     resp = client.completions.create(
