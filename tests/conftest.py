@@ -17,7 +17,7 @@ MODELS_DIR = Path(os.environ.get("TINY_MODELS_DIR", ROOT / ".cache" / "models"))
 # --- tests leave the checkout as they found it ---------------------------------------------------
 # A test that wrote into the checkout once got its file committed (a SQLite database named
 # `:memory:`, a path the usage store does not treat as SQLite's in-memory name). Files that
-# appear in the checkout during the run, not ignored by git, fail it.
+# appear in the checkout during the run, not ignored by git (editors' files aside), fail it.
 
 _UNTRACKED = pytest.StashKey[frozenset]()
 
@@ -33,7 +33,13 @@ def _untracked() -> frozenset[str] | None:
         ).stdout
     except (OSError, subprocess.SubprocessError):  # not a git checkout: nothing to compare
         return None
-    return frozenset(name for name in out.decode(errors="replace").split("\0") if name)
+    return frozenset(name for name in out.decode(errors="replace").split("\0") if name and not _editors(name))
+
+
+def _editors(name: str) -> bool:
+    """An editor's swap, lock or backup file (`.x.swp`, `.#x`, `#x#`, `x~`), or anything hidden: a
+    developer may be editing while the tests run."""
+    return name.endswith("~") or any(part.startswith((".", "#")) for part in name.split("/"))
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
