@@ -258,6 +258,16 @@ def nginx_argv(conf: Path, core: str) -> list[str]:
             "-c", str(conf), "-g", "daemon off;"]  # fmt: skip
 
 
+def uvicorn_argv(module: str, port: int) -> list[str]:
+    """A minimal proxy of `bench/proxies/` (`module`), on core 0, served as the proxy serves itself."""
+    return [
+        "taskset", "-c", PROXY_CORE, sys.executable, "-m", "uvicorn", f"bench.proxies.{module}:app",
+        "--host", HOST, "--port", str(port), "--http", "httptools", "--loop", "uvloop",
+        "--no-access-log", "--log-level", "warning",
+        "--no-server-header", "--no-date-header",  # as app/launcher.py: the upstream's headers pass through
+    ]  # fmt: skip
+
+
 def nginx_accepts(port: int) -> int:
     """How many connections the upstream nginx has accepted so far (stub_status)."""
     status = fetch(port, "/nginx-status", b"", method="GET").body.decode()

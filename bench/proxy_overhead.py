@@ -117,6 +117,7 @@ from bench.harness import (  # noqa: E402
     run_wrk,
     slow_upstream_argv,
     upstream_nginx_config,
+    uvicorn_argv,
     wrk_script,
     wrk_until,
 )
@@ -250,11 +251,9 @@ def start_contenders(names: list[str], procs: Processes, tmp: Path, router: Path
             proc = procs.start(name, argv, THIS_PROXY_PORT, env, ready_path="/health", timeout=60)
             contenders.append(Contender(name, THIS_PROXY_PORT, proc))
         elif name == "uvicorn-floor":  # uvicorn and the proxy's client, nothing else of the proxy
-            argv = ["taskset", "-c", PROXY_CORE, sys.executable, "-m", "uvicorn", "bench.proxies.own:app",
-                    "--host", HOST, "--port", str(FLOOR_PORT), "--http", "httptools", "--loop", "uvloop",
-                    "--no-access-log", "--log-level", "warning", "--no-server-header", "--no-date-header"]  # fmt: skip
             env = {"BENCH_UPSTREAM": f"http://{HOST}:{NGINX_PORT}"}
-            contenders.append(Contender(name, FLOOR_PORT, procs.start(name, argv, FLOOR_PORT, env)))
+            proc = procs.start(name, uvicorn_argv("own", FLOOR_PORT), FLOOR_PORT, env)
+            contenders.append(Contender(name, FLOOR_PORT, proc))
     for contender in contenders:
         contender.rss_start = rss_bytes(contender.pids())
     return contenders

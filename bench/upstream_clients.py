@@ -14,9 +14,10 @@ headers, and relays status, headers and body chunks back as they arrive), in fro
 - load: wrk, `-t1 -c32 -d5s --latency` by default, POSTing a chat request; nginx and wrk are pinned to
   core 1, the proxy under test to core 0, so the proxy gets one whole core;
 - contenders: `direct` (wrk straight to nginx, no proxy: the ceiling, though a low one, as nginx
-  shares core 1 with wrk there), `own` (the proxy's own client, `app/proxy/upstream.py`), `aiohttp`, `httpx`, `httpx2`, `pyreqwest` (with a 1-byte streamed
-  read buffer) and `pyreqwest-readahead` (the same with pyreqwest's default 64 KiB read-ahead, kept as
-  the control that the TTFB column must catch).
+  shares core 1 with wrk there), `own` (the proxy's own client, `app/proxy/upstream.py`), `aiohttp`,
+  `httpx`, `httpx2`, `pyreqwest` (with a 1-byte streamed read buffer) and `pyreqwest-readahead` (the
+  same with pyreqwest's default 64 KiB read-ahead, kept as the control that the TTFB column must
+  catch).
 
 How to read the table:
 
@@ -62,7 +63,6 @@ from bench.harness import (  # noqa: E402
     HOST,
     JSON_BODY,
     LOAD_CORE,
-    PROXY_CORE,
     REPO,
     REQUEST_BODY,
     SSE_BODY,
@@ -84,6 +84,7 @@ from bench.harness import (  # noqa: E402
     run_wrk,
     slow_upstream_argv,
     upstream_nginx_config,
+    uvicorn_argv,
     wrk_script,
 )
 
@@ -158,15 +159,6 @@ def measure_ttfb(port: int, requests: int) -> dict:
 
 
 # --- the run ------------------------------------------------------------------------------------
-
-
-def uvicorn_argv(module: str, port: int) -> list[str]:
-    return [
-        "taskset", "-c", PROXY_CORE, sys.executable, "-m", "uvicorn", f"bench.proxies.{module}:app",
-        "--host", HOST, "--port", str(port), "--http", "httptools", "--loop", "uvloop",
-        "--no-access-log", "--log-level", "warning",
-        "--no-server-header", "--no-date-header",  # as app/launcher.py: the upstream's headers pass through
-    ]  # fmt: skip
 
 
 def bench_one(contender: Contender, port: int, procs: Processes, scripts: dict, args) -> dict:
