@@ -111,7 +111,7 @@ def test_what_the_finder_holds_stays_small():
                     "input_tokens_details": {"cached_tokens": 0},
                 },
             }
-        ),  # fmt: skip
+        ),
         # embeddings: prompt tokens only
         orjson.dumps(
             {
@@ -119,7 +119,7 @@ def test_what_the_finder_holds_stays_small():
                 "data": [{"embedding": [0.1] * 64}],
                 "usage": {"prompt_tokens": 4, "total_tokens": 4},
             }
-        ),  # fmt: skip
+        ),
         json.dumps(json.loads(chat_body()), indent=2).encode(),  # pretty-printed
         orjson.dumps({"id": "x", "choices": []}),  # no usage
         orjson.dumps({"id": "x", "usage": None}),
@@ -135,7 +135,7 @@ def test_what_the_finder_holds_stays_small():
         "none",
         "null",
         "not-int",
-    ],  # fmt: skip
+    ],
 )
 def test_counts_equal_a_whole_body_parse(body):
     assert found([body]) == usage_counts(orjson.loads(body))
