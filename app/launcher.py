@@ -34,6 +34,7 @@ from app.main import create_app
 from app.model import ModelError, looks_like_path, resolve_model
 from app.profiles import sizing
 from app.profiles.hardware import from_report
+from app.proxy import passthrough
 from app.proxy.upstream import Upstream, UpstreamError
 from app.runtime import Phase, Runtime, run_reloaders
 from app.server import ProxyServer, server_config
@@ -188,6 +189,8 @@ class Launcher:
             driver=report.driver_version,
             driver_cuda=report.cuda_driver_version,
             image_cuda=s.CUDA_VERSION,
+            # The per-token relay step: compiled, or its Python stand-in (app/proxy/passthrough.py).
+            relay="compiled" if passthrough.COMPILED else "python",
         )
 
         if not await self._start_server():

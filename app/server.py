@@ -180,12 +180,14 @@ class BodyWriter:
     The end of the response is still `send`'s (uvicorn's bookkeeping: keep-alive, the next
     pipelined request); `close()` first."""
 
-    __slots__ = ("_protocol", "_write", "_raw", "pause", "resume", "closed")
+    __slots__ = ("_protocol", "_write", "write_chunks", "pause", "resume", "closed")
 
     def __init__(self, protocol: Any, wrapper: _HeadersWithBody, pause: Any, resume: Any) -> None:
         self._protocol = protocol
         self._write = wrapper.write  # the first write takes the held headers with it
-        self._raw = wrapper._transport.write
+        # Bytes already framed as chunks, once `started` (app/proxy/passthrough.py: a relayed
+        # stream's reads of whole chunks, passed on as the engine framed them).
+        self.write_chunks = wrapper._transport.write
         self.pause = pause
         self.resume = resume
         self.closed = False  # the client is gone (or the writer closed): writes are dropped
@@ -194,7 +196,12 @@ class BodyWriter:
         if self.closed:
             return
         self._write(b"%x\r\n%b\r\n" % (len(body), body))
-        self._write = self._raw
+        self._write = self.write_chunks
+
+    @property
+    def started(self) -> bool:
+        """The response's headers are out (with the first body bytes)."""
+        return self._write is self.write_chunks
 
     def close(self) -> None:
         self.closed = True

@@ -177,7 +177,7 @@ class _Keepalive:
     (tests/app/proxy/test_sse_clients.py). The relay only bumps `sent` per message;
     `_KeepaliveSweep` does the rest."""
 
-    __slots__ = ("_send", "_loop", "_task", "_seen", "sent")
+    __slots__ = ("_send", "_loop", "_task", "_seen", "sent", "relayed")
 
     PING = {"type": "http.response.body", "body": b"\n\n", "more_body": True}
 
@@ -187,11 +187,13 @@ class _Keepalive:
         self._task: asyncio.Task | None = None
         self._seen = -1  # the first sweep only looks: silence is counted from there
         self.sent = 0
+        self.relayed: UpstreamResponse | None = None  # its `passed`: events that bypassed `sent`
 
     def sweep(self) -> None:
-        if self.sent == self._seen and (self._task is None or self._task.done()):
+        sent = self.sent + (self.relayed.passed if self.relayed is not None else 0)
+        if sent == self._seen and (self._task is None or self._task.done()):
             self._task = self._loop.create_task(self._send(self.PING))
-        self._seen = self.sent
+        self._seen = sent
 
     async def close(self) -> None:
         """A ping being sent is let through first, so it cannot follow the last message."""
@@ -252,18 +254,23 @@ async def _end_stream(send, watch: _Hangup, complete: bool, last: bytes, rest: b
 
 class _Sink:
     """Called from the engine connection's read callback with each read's body bytes (relay mode,
-    `UpstreamResponse.relay`): measured, then written straight to the client."""
+    `UpstreamResponse.relay`): measured, then written straight to the client. Returns whether the
+    stream is under way (first token seen, nothing buffered or held, the headers sent): then the
+    connection passes whole `data:` events on without it (`passthrough`, app/proxy/passthrough.py)
+    until one needs it (the stream's end, a partial event, the usage chunk it must remove)."""
 
-    __slots__ = ("_feed", "_watch", "_write", "writer", "keepalive")
+    __slots__ = ("_feed", "_observer", "_watch", "_write", "writer", "keepalive", "passthrough")
 
     def __init__(self, observer: StreamObserver, watch: _Hangup, writer: Any) -> None:
         self._feed = observer.feed
+        self._observer = observer
         self._watch = watch
         self.writer = writer
         self._write = writer.write
         self.keepalive: _Keepalive | None = None
+        self.passthrough = (writer.write_chunks, observer.record, writer, observer.strip_usage)
 
-    def __call__(self, chunk: bytes) -> None:
+    def __call__(self, chunk: bytes) -> bool:
         out = self._feed(chunk)
         if out:
             self._write(out)
@@ -272,6 +279,8 @@ class _Sink:
             # is_final's own first checks, inline: this runs once per token
             if out.endswith(b"[DONE]\n\n") or (out.startswith(b"event: ") and is_final(out)):
                 self._watch.stop()  # the client has the whole answer: closing now is no hang-up
+                return False
+        return self._observer.steady and self.writer.started and not self.writer.closed
 
 
 class ProxyHandler:
@@ -663,10 +672,12 @@ class ProxyHandler:
         sweep = self._keepalive
         keepalive = sweep.open(send) if sweep is not None else None
         sink.keepalive = keepalive
+        if keepalive is not None:
+            keepalive.relayed = resp
         tail = b""
         complete = False
         try:
-            resp.relay(sink)
+            resp.relay(sink, sink.passthrough)
             await resp.wait_end()
             complete = True
         except UpstreamError as exc:

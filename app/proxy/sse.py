@@ -174,6 +174,7 @@ class StreamObserver:
         "_held",
         "_start",
         "_recent",
+        "record",
         "strip_usage",
         "ttft_s",
         "prompt_tokens",
@@ -188,6 +189,9 @@ class StreamObserver:
         self._buf = b""
         self._held: list[bytes] | None = None
         self._recent: collections.deque[bytes] = collections.deque(maxlen=self.TAIL_READS)
+        # For events relayed without `feed` (app/proxy/passthrough.py: whole `data:` events once the
+        # stream is `steady`): kept as `feed` keeps them, for `finish` to read the stream's end.
+        self.record = self._recent.append
         self.strip_usage = strip_usage
         self.ttft_s: float | None = None
         self.prompt_tokens: int | None = None
@@ -210,6 +214,13 @@ class StreamObserver:
             block = self._strip(block)
         self._recent.append(block)
         return block
+
+    @property
+    def steady(self) -> bool:
+        """The first token is out and nothing is buffered or held: a read of whole events that
+        are neither the stream's last nor (when stripping usage) finishing or usage events needs
+        nothing from `feed` but to be recorded."""
+        return self.ttft_s is not None and not self._buf and self._held is None
 
     def finish(self) -> bytes:
         """Whatever is still buffered or held (a stream cut short, a last event without a blank

@@ -35,8 +35,13 @@ from urllib.parse import urlsplit
 import httptools
 
 from app.proxy.headers import Headers
+from app.proxy.passthrough import RelayBase
 
 ErrorKind = Literal["connect", "timeout", "protocol"]
+# What a relayed stream's steady reads go through (RelayBase.open_passthrough): the client
+# transport's write (bytes framed as chunks), a callable given each chunk's events, the writer (its
+# `closed` ends it), and whether finishing and usage events must still go through the sink.
+Passthrough = tuple[Callable[[bytes], object], Callable[[bytes], object], object, bool]
 
 _HIGH_WATER = 1 << 20  # bytes queued from the engine before we stop reading its socket
 _LOW_WATER = 1 << 18
@@ -56,8 +61,10 @@ class _Unsolicited(Exception):
     """A second response began on a connection that had already answered: stop parsing there."""
 
 
-class _Connection(asyncio.Protocol):
-    """One keep-alive connection to the engine; one response at a time."""
+class _Connection(RelayBase, asyncio.Protocol):
+    """One keep-alive connection to the engine; one response at a time. `data_received` is
+    `RelayBase`'s (app/proxy/passthrough.py): a relayed stream's steady reads go straight on, the
+    rest comes to `_slow_received`."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -85,8 +92,10 @@ class _Connection(asyncio.Protocol):
         self.status = 0  # the final response's status, once its headers are in
         self._interim = False  # the message being parsed is a 1xx
         # Relay mode (`relay`): body bytes go to this callable from `data_received`, as they arrive,
-        # instead of being queued for `read`; the task waits only for the end (`wait_end`).
-        self._sink: Callable[[bytes], None] | None = None
+        # instead of being queued for `read`; the task waits only for the end (`wait_end`). What it
+        # returns says whether the next reads may pass straight on, through `_passthrough`.
+        self._sink: Callable[[bytes], bool] | None = None
+        self._passthrough: Passthrough | None = None
         self._sink_error: BaseException | None = None
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
@@ -94,7 +103,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
+    def _slow_received(self, data: bytes) -> None:
         if not self.busy:  # nothing was asked on this connection: a stale or smuggled answer
             self.abort()
             return
@@ -117,12 +126,13 @@ class _Connection(asyncio.Protocol):
             chunk = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
             chunks.clear()
             try:
-                self._sink(chunk)
+                self._to_sink(chunk)
             except BaseException as exc:  # the relay's own failure: the task re-raises it
                 self._sink_failed(exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.close_passthrough()
         if not self._complete:
             if exc is None and self.status and self._reads_to_close():
                 self._complete = True  # a body without length or chunking ends with the connection
@@ -162,7 +172,16 @@ class _Connection(asyncio.Protocol):
             self._head.set_result(status)
         self._wake_writer()  # an answer before the whole body went out: stop sending it
 
+    # Whether the parser is between two chunks, for RelayBase: a read that ended just after a
+    # chunk's closing CRLF (the last callback was on_chunk_complete, and no byte followed it).
+    def on_chunk_header(self) -> None:
+        self._edge = False
+
+    def on_chunk_complete(self) -> None:
+        self._edge = True
+
     def on_body(self, body: bytes) -> None:
+        self._edge = False
         self._chunks.append(body)
         if self._sink is not None:  # handed on at the end of this read (data_received)
             return
@@ -179,6 +198,7 @@ class _Connection(asyncio.Protocol):
         self._complete = True
         self.busy = False
         self._disarm()
+        self.close_passthrough()
         if not self._parser.should_keep_alive():
             self.closed = True
         self._wake()
@@ -228,6 +248,7 @@ class _Connection(asyncio.Protocol):
             return
         if self._error is None:
             self._error = error
+        self.close_passthrough()
         if self._head is not None and not self._head.done():
             self._head.set_exception(error)
         self._wake()
@@ -254,6 +275,9 @@ class _Connection(asyncio.Protocol):
     def begin(self) -> asyncio.Future:
         """Reset per-response state; returns the future of the status code."""
         self._sink = None
+        self._passthrough = None
+        self.close_passthrough()
+        self._edge = False
         self._sink_error = None
         self._headers = []
         self._chunks.clear()
@@ -330,13 +354,15 @@ class _Connection(asyncio.Protocol):
 
     # --- relay mode -------------------------------------------------------------------------
 
-    def relay(self, sink: Callable[[bytes], None]) -> None:
+    def relay(self, sink: Callable[[bytes], bool], passthrough: Passthrough | None = None) -> None:
         """From now on, hand body bytes to `sink` from `data_received`, one call per read (what is
         queued already, first), instead of queueing them for `read`: a token stream then costs no
         task wake-up per event. The response's last bytes stay queued for `read` after `wait_end`.
         `sink` runs inside the event loop's read callback: it must not block; what it raises is
-        re-raised by `wait_end`."""
+        re-raised by `wait_end`. While it returns True (the stream is under way), reads of whole
+        `data:` events go to the client without it (`RelayBase`), through `passthrough`."""
         self._sink = sink
+        self._passthrough = passthrough
         if self._reading_paused and self.transport is not None:  # paused by `read`'s high water
             self._reading_paused = False
             self._last_data = self._loop.time()
@@ -346,11 +372,21 @@ class _Connection(asyncio.Protocol):
 
     def _flush_to_sink(self) -> None:
         try:
-            self._sink(self.take_queued())  # type: ignore[misc]
+            self._to_sink(self.take_queued())
         except BaseException as exc:  # the relay's own failure: the task re-raises it
             self._sink_failed(exc)
 
+    def _to_sink(self, chunk: bytes) -> None:
+        steady = self._sink(chunk)  # type: ignore[misc]
+        if steady and self._passthrough is not None and not self._complete:
+            if not self.passing:
+                write, seen, writer, strip = self._passthrough
+                self.open_passthrough(write, seen, self._loop.time, writer, strip)
+        elif self.passing:
+            self.close_passthrough()
+
     def _sink_failed(self, exc: BaseException) -> None:
+        self.close_passthrough()
         self._sink = None
         self._sink_error = exc
         self.abort()
@@ -397,6 +433,7 @@ class _Connection(asyncio.Protocol):
     def abort(self) -> None:
         self.closed = True
         self._disarm()
+        self.close_passthrough()
         # A head nobody awaits any more (the client hung up mid-upload) would otherwise be failed
         # by connection_lost and logged as "Future exception was never retrieved".
         if self._head is not None and not self._head.done():
@@ -438,10 +475,16 @@ class UpstreamResponse:
         """`read` without the wrapping call, for the per-token loop of a stream."""
         return functools.partial(self._conn.read, self._read_timeout)
 
-    def relay(self, sink: Callable[[bytes], None]) -> None:
+    def relay(self, sink: Callable[[bytes], bool], passthrough: Passthrough | None = None) -> None:
         """Body bytes to `sink` as they arrive, from the connection's read callback (see
         `_Connection.relay`); then `wait_end`, then `read` for the last bytes."""
-        self._conn.relay(sink)
+        self._conn.relay(sink, passthrough)
+
+    @property
+    def passed(self) -> int:
+        """Chunks passed straight to the client on this connection so far (`RelayBase`): events
+        the sink did not see, for the keep-alive's count of what was sent."""
+        return self._conn.passed
 
     async def wait_end(self) -> None:
         await self._conn.wait_end(self._read_timeout)

@@ -103,6 +103,7 @@ def test_bases_are_pinned_and_the_vllm_pin_is_the_version_the_tests_run():
     assert re.fullmatch(r"\d+\.\d+\.\d+", args_before_from(TRTLLM)["TRTLLM_VERSION"])
     froms = [rest for word, rest in instructions(DOCKERFILE) + instructions(TRTLLM) if word == "FROM"]
     assert froms == [
+        "${PYTHON_IMAGE} AS ext",
         "${PYTHON_IMAGE} AS cpu",
         "vllm/vllm-openai:${VLLM_VERSION}${VLLM_CUDA_VARIANT} AS vllm",
         "vllm AS runpod",
@@ -137,6 +138,25 @@ def test_each_image_is_built_the_way_the_issue_asks(path, stage):
     if stage != "cpu":
         start_period = re.search(r"--start-period=(\d+)s", dict(steps)["HEALTHCHECK"]).group(1)
         assert int(start_period) >= 3600  # a 70B download
+
+
+@pytest.mark.parametrize(("path", "stage"), [(DOCKERFILE, "vllm"), (TRTLLM, "trtllm")])
+def test_the_engine_images_compile_the_relay_step_after_the_code_and_may_go_without(path, stage):
+    """Their base has a C compiler and Python's headers (Triton's); if one ever lacks them, the image
+    still builds and the proxy runs the Python stand-in (app/proxy/passthrough.py)."""
+    steps = stages(path)[stage]
+    build = steps.index(("RUN", "python3 scripts/build_ext.py --optional"))
+    assert build > steps.index(("COPY", "app/ app/")) and build > steps.index(("COPY", "scripts/ scripts/"))
+
+
+def test_the_cpu_image_gets_the_relay_step_compiled_for_its_own_python():
+    """The slim Python base has no compiler: a stage of the same base builds it (a failed build
+    fails the image), and the cpu stage copies the module next to its source."""
+    ext = stages(DOCKERFILE)["ext"]
+    assert ("RUN", "python scripts/build_ext.py") in ext
+    assert ("COPY", "--from=ext /src/app/proxy/_passthrough*.so app/proxy/") in stages(DOCKERFILE)["cpu"]
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "**/*.so" in ignored  # a host build (another Python) never lands in an image
 
 
 def test_no_secret_is_an_arg_or_env_and_the_token_is_a_buildkit_secret():

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.proxy.upstream import _Connection
 from inproc import InProcessProxy
 from raw_engine import RawConn, RawEngineThread, read_response, slow_client, stream_request
 
@@ -137,6 +138,34 @@ def test_a_paced_stream_goes_out_event_by_event_with_only_its_start_and_end_sent
     assert SENDS["paced-1"] == 2
     line = proxy.logs.request("paced-1")
     assert line["status"] == 200 and line["error"] is None and line["ttft_ms"] is not None
+
+
+def test_a_paced_streams_events_pass_on_without_the_parser_or_the_sink(proxy, monkeypatch):
+    """Once the first token is out, each read of whole `data:` events goes to the client as the
+    engine framed it (app/proxy/passthrough.py): of the stream's 41 reads, only its start and its
+    end take the slow way (the response parser, then the sink); the client's bytes are the same."""
+    slow: list[bytes] = []
+    original = _Connection._slow_received
+
+    def counted(self, data: bytes) -> None:
+        slow.append(data)
+        original(self, data)
+
+    monkeypatch.setattr(_Connection, "_slow_received", counted)
+    with post(proxy, "paced", "passed-1") as r:
+        body = r.read()
+    assert body == b"".join(token(i) for i in range(PACED)) + b"data: [DONE]\n\n"
+    assert 1 <= sum(b"data: " in data for data in slow) <= 4, slow
+    line = proxy.logs.request("passed-1")
+    assert line["status"] == 200 and line["error"] is None and line["ttft_ms"] is not None
+
+
+def test_events_passed_on_count_as_sent_for_the_keepalive(raw):
+    """A stream sending an event every 5 ms is never silent for a 50 ms keep-alive interval: no
+    ping may land between its events, whichever way they went to the client."""
+    with InProcessProxy(raw.url, SSE_KEEPALIVE_INTERVAL=0.05) as p, post(p, "paced", "ka-1") as r:
+        body = r.read()
+    assert body == b"".join(token(i) for i in range(PACED)) + b"data: [DONE]\n\n"
 
 
 def test_a_client_hanging_up_mid_stream_closes_the_engines_connection(proxy):
