@@ -73,6 +73,32 @@ has(const char *p, Py_ssize_t n, const char *needle, size_t k)
     return n >= (Py_ssize_t)k && memmem(p, (size_t)n, needle, k) != NULL;
 }
 
+/* The closing events of the Responses and Messages APIs (sse._LAST_EVENTS). */
+static const char *const LAST_EVENTS[] = {
+    "event: response.completed",
+    "event: response.failed",
+    "event: response.incomplete",
+    "event: message_stop",
+};
+
+/* Whether the last of these events (ending with a blank line, no CR) closes its stream. */
+static int
+is_last_event(const char *ev, Py_ssize_t size)
+{
+    Py_ssize_t start = 0;
+    for (Py_ssize_t i = size - 3; i >= 1; i--) {
+        if (ev[i] == '\n' && ev[i - 1] == '\n') {
+            start = i + 1;
+            break;
+        }
+    }
+    for (size_t k = 0; k < sizeof(LAST_EVENTS) / sizeof(LAST_EVENTS[0]); k++) {
+        size_t n = strlen(LAST_EVENTS[k]);
+        if ((size_t)(size - start) >= n && memcmp(ev + start, LAST_EVENTS[k], n) == 0) return 1;
+    }
+    return 0;
+}
+
 /* 1: passed on; 0: not for here (nothing done); -1: error set. */
 static int
 pass_on(RelayBase *self, PyObject *data)
@@ -97,10 +123,15 @@ pass_on(RelayBase *self, PyObject *data)
         if (len - pos < size + 2) return 0; /* the chunk continues in a later read */
         const char *ev = p + pos;
         if (ev[size] != '\r' || ev[size + 1] != '\n') return 0;
-        /* Its payload: whole `data:` events, not the stream's last ([DONE]). */
-        if (size < 8 || memcmp(ev, "data: ", 6) != 0 || ev[size - 1] != '\n' || ev[size - 2] != '\n')
+        /* Its payload: whole events (LF only), not the stream's last (sse.is_final). */
+        if (size < 8 || ev[size - 1] != '\n' || ev[size - 2] != '\n' || memchr(ev, '\r', size) != NULL)
             return 0;
         if (memcmp(ev + size - 8, "[DONE]\n\n", 8) == 0) return 0;
+        if (memcmp(ev, "event: ", 7) == 0) {
+            if (is_last_event(ev, size)) return 0;
+        } else if (memcmp(ev, "data: ", 6) != 0) {
+            return 0;
+        }
         if (self->strip &&
             (has(ev, size, "\"finish_reason\":\"", 17) || has(ev, size, "\"usage\"", 7)))
             return 0;

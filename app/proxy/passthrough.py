@@ -1,9 +1,10 @@
-"""The per-token step of a relayed stream: once the sink says a stream is under way (`open_passthrough`), each
-read from the engine that is whole chunks of whole `data:` events, none of them the stream's last,
-goes to the client as it came, chunk framing and all, with no parse, no re-framing and no call
-into the sink; anything else goes the slow way (`_slow_received`: the response parser, then the
-sink). The client gets the bytes the sink would have written: the proxy frames a relayed body as
-chunks too, one per read (`app/server.py`'s BodyWriter).
+"""The per-token step of a relayed stream: once the sink says a stream is under way
+(`open_passthrough`), each read from the engine that is whole chunks of whole events (`data:` ones,
+or the `event:` ones of the Responses and Messages APIs), none of them the stream's last
+(`sse.is_final`), goes to the client as it came, chunk framing and all, with no parse, no
+re-framing and no call into the sink; anything else goes the slow way (`_slow_received`: the
+response parser, then the sink). The client gets the bytes the sink would have written: the proxy
+frames a relayed body as chunks too, one per read (`app/server.py`'s BodyWriter).
 
 `RelayBase` is the base class of the engine connection (`app/proxy/upstream.py`). It is compiled
 from `_passthrough.c` (`scripts/build_ext.py`; `make` builds it), and this module's Python class of
@@ -18,6 +19,12 @@ from typing import Any
 
 _MAX_CHUNKS = 64
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+_LAST_EVENTS = (  # the closing events of the Responses and Messages APIs (sse._LAST_EVENTS)
+    b"event: response.completed",
+    b"event: response.failed",
+    b"event: response.incomplete",
+    b"event: message_stop",
+)
 
 
 class PyRelayBase:
@@ -78,9 +85,15 @@ class PyRelayBase:
             if end - pos < size + 2 or data[pos + size : pos + size + 2] != b"\r\n":
                 return False
             events = data[pos : pos + size]
-            if size < 8 or not events.startswith(b"data: ") or not events.endswith(b"\n\n"):
+            if size < 8 or not events.endswith(b"\n\n") or b"\r" in events:
                 return False
             if events.endswith(b"[DONE]\n\n"):
+                return False
+            if events.startswith(b"event: "):
+                last = events.rfind(b"\n\n", 0, size - 2)  # where the last event begins, less 2
+                if events.startswith(_LAST_EVENTS, last + 2 if last >= 0 else 0):
+                    return False
+            elif not events.startswith(b"data: "):
                 return False
             if self._strip and (b'"finish_reason":"' in events or b'"usage"' in events):
                 return False

@@ -37,6 +37,18 @@ def token(i: int) -> bytes:
     return b'data: {"choices":[{"index":0,"text":"t%d","finish_reason":null}]}\n\n' % i
 
 
+def delta(i: int) -> bytes:
+    return (
+        b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"t%d"}\n\n'
+        % i
+    )
+
+
+RESPONSE_COMPLETED = (
+    b"event: response.completed\n"
+    b'data: {"type":"response.completed","response":{"usage":{"input_tokens":3,"output_tokens":40}}}\n\n'
+)
+
 pushed: dict[str, int] = {}
 """Bytes each `big` stream's engine side got into its socket (the proxy took them)."""
 cut: dict[str, float] = {}
@@ -53,6 +65,11 @@ async def engine(conn: RawConn) -> None:
                 await conn.send(chunk(token(i)))
                 await asyncio.sleep(0.005)
             await conn.send(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        elif mode == "responses":  # the Responses API's events, paced, its closing event last
+            for i in range(PACED):
+                await conn.send(chunk(delta(i)))
+                await asyncio.sleep(0.005)
+            await conn.send(chunk(RESPONSE_COMPLETED) + b"0\r\n\r\n")
         elif mode == "endless":  # until the proxy hangs up
             i = 0
             try:
@@ -158,6 +175,26 @@ def test_a_paced_streams_events_pass_on_without_the_parser_or_the_sink(proxy, mo
     assert 1 <= sum(b"data: " in data for data in slow) <= 4, slow
     line = proxy.logs.request("passed-1")
     assert line["status"] == 200 and line["error"] is None and line["ttft_ms"] is not None
+
+
+def test_a_responses_api_stream_passes_on_too_and_its_closing_event_still_ends_it(proxy, monkeypatch):
+    """`event:` streams (Responses, Messages APIs) pass on like `data:` ones; their closing event
+    goes the slow way, where the sink marks the answer whole and reads its usage."""
+    slow: list[bytes] = []
+    original = _Connection._slow_received
+
+    def counted(self, data: bytes) -> None:
+        slow.append(data)
+        original(self, data)
+
+    monkeypatch.setattr(_Connection, "_slow_received", counted)
+    with post(proxy, "responses", "responses-1") as r:
+        body = r.read()
+    assert body == b"".join(delta(i) for i in range(PACED)) + RESPONSE_COMPLETED
+    assert 1 <= sum(b"event: " in data for data in slow) <= 4, slow
+    line = proxy.logs.request("responses-1")
+    assert line["status"] == 200 and line["error"] is None and line["ttft_ms"] is not None
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (3, 40)
 
 
 def test_events_passed_on_count_as_sent_for_the_keepalive(raw):
