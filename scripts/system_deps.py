@@ -2,7 +2,8 @@
 """What `make test` needs from the system besides the venv, installed when it can be, or named.
 
 The observability tests run a real Prometheus and promtool, the dashboard's test a real Chromium
-(Debian's packages; Playwright drives /usr/bin/chromium, never a browser of its own). On a fresh
+(Debian's packages; Playwright drives /usr/bin/chromium, never a browser of its own); `make` compiles
+the proxy's one C extension with gcc (scripts/build_ext.py). On a fresh
 machine `make test` runs this first: as root with apt-get it installs what is missing; otherwise it
 stops at once with one sentence saying what to install, instead of failing tests minutes later.
 
@@ -23,6 +24,7 @@ from collections.abc import Callable
 NEEDED: dict[str, tuple[str, ...]] = {
     "prometheus": ("prometheus", "promtool"),
     "chromium": ("chromium",),
+    "gcc": ("gcc",),
 }
 
 
