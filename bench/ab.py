@@ -34,6 +34,7 @@ from harness import (  # noqa: E402
     REQUEST_BODY,
     SSE_REQUEST_BODY,
     Processes,
+    checkout,
     cpu_seconds,
     log,
     nginx_argv,
@@ -75,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ab-")))
         tree = tmp / "a-tree"
-        subprocess.run(["git", "worktree", "add", "-q", "--detach", str(tree), rev], cwd=REPO, check=True)
         stack.callback(subprocess.run, ["git", "worktree", "remove", "--force", str(tree)], cwd=REPO)
+        checkout(rev, tree)
         procs = stack.enter_context(Processes(tmp))
         conf = upstream_nginx_config(tmp, UPSTREAM_PORT, SLOW_PORT, LONG_BODY)
         procs.start("upstream", nginx_argv(conf, LOAD_CORE), UPSTREAM_PORT, ready_path="/health")

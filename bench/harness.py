@@ -258,6 +258,15 @@ def nginx_argv(conf: Path, core: str) -> list[str]:
             "-c", str(conf), "-g", "daemon off;"]  # fmt: skip
 
 
+def checkout(rev: str, tree: Path) -> None:
+    """The proxy as committed at `rev`, in a worktree at `tree`, built as `make` builds it (its C
+    extension, where that revision has one: without it the Python stand-in would be measured)."""
+    subprocess.run(["git", "worktree", "add", "-q", "--detach", str(tree), rev], cwd=REPO, check=True)
+    build = tree / "scripts" / "build_ext.py"
+    if build.exists():
+        subprocess.run([str(REPO / ".venv" / "bin" / "python"), str(build)], check=True)
+
+
 def uvicorn_argv(module: str, port: int) -> list[str]:
     """A minimal proxy of `bench/proxies/` (`module`), on core 0, served as the proxy serves itself."""
     return [

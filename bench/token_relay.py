@@ -63,6 +63,7 @@ from harness import (  # noqa: E402
     BenchError,
     Processes,
     chat_stream_events,
+    checkout,
     cpu_seconds,
     fetch,
     fmt_int,
@@ -181,8 +182,8 @@ def start(args: argparse.Namespace, procs: Processes, tmp: Path) -> list[Contend
         rev = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=REPO, capture_output=True,
                              text=True, check=True).stdout.strip()  # fmt: skip
         tree = tmp / "base-tree"
-        subprocess.run(["git", "worktree", "add", "-q", "--detach", str(tree), rev], cwd=REPO, check=True)
         args.cleanup.append(["git", "worktree", "remove", "--force", str(tree)])
+        checkout(rev, tree)
         env = {**this_proxy_env(tmp, "base", BASE_PORT, ENGINE_PORT), **python}
         argv = ["taskset", "-c", PROXY_CORE, str(tree / "scripts" / "start.sh")]
         name = f"this-proxy@{rev}"
