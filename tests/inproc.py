@@ -20,6 +20,7 @@ import uvicorn
 
 from app.logs import configure_logging
 from app.main import create_app
+from app.proxy.upstream import _Connection
 from app.runtime import Phase, Runtime
 from app.server import server_config
 from app.settings import Settings
@@ -111,3 +112,17 @@ class InProcessProxy:
 
 def run_async(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+def count_slow_reads(monkeypatch: Any) -> list[bytes]:
+    """Every engine read that takes the slow way (the response parser, then the sink) from now on,
+    in this process: what the compiled passthrough did not pass on (app/proxy/passthrough.py)."""
+    slow: list[bytes] = []
+    original = _Connection._slow_received
+
+    def counted(self: _Connection, data: bytes) -> None:
+        slow.append(data)
+        original(self, data)
+
+    monkeypatch.setattr(_Connection, "_slow_received", counted)
+    return slow

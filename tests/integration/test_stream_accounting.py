@@ -65,15 +65,7 @@ def test_real_vllm_streams_pass_on_unchanged_with_only_their_ends_through_the_si
     the proxy asks for usage and removes the usage chunk: that end goes through the sink too."""
     from openai import OpenAI
 
-    from app.proxy.upstream import _Connection
-    from inproc import InProcessProxy
-
-    slow: list[bytes] = []
-    original = _Connection._slow_received
-
-    def counted(self, data: bytes) -> None:
-        slow.append(data)
-        original(self, data)
+    from inproc import InProcessProxy, count_slow_reads
 
     def read(base_url: str, rid: str) -> tuple[str, int, object]:
         client = OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0)
@@ -94,7 +86,7 @@ def test_real_vllm_streams_pass_on_unchanged_with_only_their_ends_through_the_si
         return "".join(texts), len(texts), usage
 
     direct = read(text_stack.engine_url, "direct-passthrough")
-    monkeypatch.setattr(_Connection, "_slow_received", counted)
+    slow = count_slow_reads(monkeypatch)
     with InProcessProxy(text_stack.engine_url, MODEL_NAME=MODEL) as proxy:
         relayed = read(proxy.url, f"passthrough-{include_usage}")
         line = proxy.logs.request(f"passthrough-{include_usage}")

@@ -19,8 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.proxy.upstream import _Connection
-from inproc import InProcessProxy
+from inproc import InProcessProxy, count_slow_reads
 from raw_engine import RawConn, RawEngineThread, read_response, slow_client, stream_request
 
 SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -161,14 +160,7 @@ def test_a_paced_streams_events_pass_on_without_the_parser_or_the_sink(proxy, mo
     """Once the first token is out, each read of whole `data:` events goes to the client as the
     engine framed it (app/proxy/passthrough.py): of the stream's 41 reads, only its start and its
     end take the slow way (the response parser, then the sink); the client's bytes are the same."""
-    slow: list[bytes] = []
-    original = _Connection._slow_received
-
-    def counted(self, data: bytes) -> None:
-        slow.append(data)
-        original(self, data)
-
-    monkeypatch.setattr(_Connection, "_slow_received", counted)
+    slow = count_slow_reads(monkeypatch)
     with post(proxy, "paced", "passed-1") as r:
         body = r.read()
     assert body == b"".join(token(i) for i in range(PACED)) + b"data: [DONE]\n\n"
@@ -180,14 +172,7 @@ def test_a_paced_streams_events_pass_on_without_the_parser_or_the_sink(proxy, mo
 def test_a_responses_api_stream_passes_on_too_and_its_closing_event_still_ends_it(proxy, monkeypatch):
     """`event:` streams (Responses, Messages APIs) pass on like `data:` ones; their closing event
     goes the slow way, where the sink marks the answer whole and reads its usage."""
-    slow: list[bytes] = []
-    original = _Connection._slow_received
-
-    def counted(self, data: bytes) -> None:
-        slow.append(data)
-        original(self, data)
-
-    monkeypatch.setattr(_Connection, "_slow_received", counted)
+    slow = count_slow_reads(monkeypatch)
     with post(proxy, "responses", "responses-1") as r:
         body = r.read()
     assert body == b"".join(delta(i) for i in range(PACED)) + RESPONSE_COMPLETED
