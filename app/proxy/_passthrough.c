@@ -99,7 +99,29 @@ is_last_event(const char *ev, Py_ssize_t size)
     return 0;
 }
 
-/* 1: passed on; 0: not for here (nothing done); -1: error set. */
+/* After a read was passed on: its events to `seen`, the time of the read. -1: error set. */
+static int
+note(RelayBase *self, const char *p, const Py_ssize_t *starts, const Py_ssize_t *sizes, int count)
+{
+    PyObject *res;
+    for (int i = 0; i < count; i++) {
+        PyObject *events = PyBytes_FromStringAndSize(p + starts[i], sizes[i]);
+        if (events == NULL) return -1;
+        res = PyObject_CallOneArg(self->seen, events);
+        Py_DECREF(events);
+        if (res == NULL) return -1;
+        Py_DECREF(res);
+    }
+    res = PyObject_CallNoArgs(self->clock);
+    if (res == NULL) return -1;
+    double now = PyFloat_AsDouble(res);
+    Py_DECREF(res);
+    if (now == -1.0 && PyErr_Occurred()) return -1;
+    self->last_data = now;
+    return 0;
+}
+
+/* 1: passed on; 0: not for here (nothing done); -1: error set, nothing sent. */
 static int
 pass_on(RelayBase *self, PyObject *data)
 {
@@ -152,20 +174,13 @@ pass_on(RelayBase *self, PyObject *data)
     PyObject *res = PyObject_CallOneArg(self->write, data);
     if (res == NULL) return -1;
     Py_DECREF(res);
-    for (int i = 0; i < count; i++) {
-        PyObject *events = PyBytes_FromStringAndSize(p + starts[i], sizes[i]);
-        if (events == NULL) return -1;
-        res = PyObject_CallOneArg(self->seen, events);
-        Py_DECREF(events);
-        if (res == NULL) return -1;
-        Py_DECREF(res);
-    }
     self->passed += count;
-    res = PyObject_CallNoArgs(self->clock);
-    if (res == NULL) return -1;
-    self->last_data = PyFloat_AsDouble(res);
-    Py_DECREF(res);
-    if (self->last_data == -1.0 && PyErr_Occurred()) return -1;
+    /* Sent: whatever fails from here must not send it again the slow way. The passthrough ends
+     * (the next reads go to the sink); only the record of these events is lost. */
+    if (note(self, p, starts, sizes, count) < 0) {
+        PyErr_Clear();
+        RelayBase_clear(self);
+    }
     return 1;
 }
 

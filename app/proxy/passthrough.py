@@ -104,10 +104,15 @@ class PyRelayBase:
         if not spans or self._writer.closed:
             return False
         self._write(data)
-        for start, size in spans:
-            self._seen(data[start : start + size])
         self.passed += len(spans)
-        self._last_data = self._clock()
+        # Sent: whatever fails from here must not send it again the slow way. The passthrough
+        # ends (the next reads go to the sink); only the record of these events is lost.
+        try:
+            for start, size in spans:
+                self._seen(data[start : start + size])
+            self._last_data = float(self._clock())
+        except Exception:
+            self.close_passthrough()
         return True
 
 

@@ -175,6 +175,27 @@ def test_a_write_that_raises_goes_the_slow_way_and_ends_the_passthrough(base):
     assert conn.slow == [chunk(TOKEN), chunk(TOKEN2)]
 
 
+@pytest.mark.parametrize("base", IMPLEMENTATIONS, ids=lambda b: b.__module__)
+@pytest.mark.parametrize("failing", ["seen", "clock"])
+def test_a_failure_after_the_write_never_sends_the_read_twice(base, failing):
+    """The read is out: the slow way would write it again. The passthrough ends instead; the
+    watchdog's last read time stays a time."""
+    conn = connection(base)
+
+    def broken(*_: object) -> float:
+        raise MemoryError
+
+    seen = broken if failing == "seen" else conn.seen.append
+    clock = broken if failing == "clock" else (lambda: 3.0)
+    conn._last_data = 2.0
+    conn.open_passthrough(conn.written.append, seen, clock, conn.writer, False)
+    conn.data_received(chunk(TOKEN))
+    assert conn.written == [chunk(TOKEN)] and conn.slow == []
+    assert not conn.passing and conn._last_data == 2.0
+    conn.data_received(chunk(TOKEN2))
+    assert conn.written == [chunk(TOKEN)] and conn.slow == [chunk(TOKEN2)]
+
+
 def _mutations(rng: random.Random, data: bytes) -> bytes:
     b = bytearray(data)
     for _ in range(rng.randint(1, 3)):
