@@ -145,7 +145,7 @@ pass_on(RelayBase *self, PyObject *data)
         if (len - pos < size + 2) return 0; /* the chunk continues in a later read */
         const char *ev = p + pos;
         if (ev[size] != '\r' || ev[size + 1] != '\n') return 0;
-        /* Its payload: whole events (LF only), not the stream's last (sse.is_final). */
+        /* Its payload: sse.passes_untouched, check for check. */
         if (size < 8 || ev[size - 1] != '\n' || ev[size - 2] != '\n' || memchr(ev, '\r', size) != NULL)
             return 0;
         if (memcmp(ev + size - 8, "[DONE]\n\n", 8) == 0) return 0;

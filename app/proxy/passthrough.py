@@ -17,14 +17,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from app.proxy.sse import passes_untouched
+
 _MAX_CHUNKS = 64
 _HEX = frozenset(b"0123456789abcdefABCDEF")
-_LAST_EVENTS = (  # the closing events of the Responses and Messages APIs (sse._LAST_EVENTS)
-    b"event: response.completed",
-    b"event: response.failed",
-    b"event: response.incomplete",
-    b"event: message_stop",
-)
 
 
 class PyRelayBase:
@@ -84,18 +80,7 @@ class PyRelayBase:
             pos = digits + 2
             if end - pos < size + 2 or data[pos + size : pos + size + 2] != b"\r\n":
                 return False
-            events = data[pos : pos + size]
-            if size < 8 or not events.endswith(b"\n\n") or b"\r" in events:
-                return False
-            if events.endswith(b"[DONE]\n\n"):
-                return False
-            if events.startswith(b"event: "):
-                last = events.rfind(b"\n\n", 0, size - 2)  # where the last event begins, less 2
-                if events.startswith(_LAST_EVENTS, last + 2 if last >= 0 else 0):
-                    return False
-            elif not events.startswith(b"data: "):
-                return False
-            if self._strip and (b'"finish_reason":"' in events or b'"usage"' in events):
+            if not passes_untouched(data[pos : pos + size], self._strip):
                 return False
             if len(spans) == _MAX_CHUNKS:
                 return False

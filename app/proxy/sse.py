@@ -86,6 +86,18 @@ def is_final(block: bytes) -> bool:
     return block.startswith(_LAST_EVENTS, _event_start(block, len(block) - 2))
 
 
+def passes_untouched(events: bytes, strip_usage: bool) -> bool:
+    """Whether a chunk's payload, in a stream whose observer is `steady`, needs nothing from `feed`
+    but to be recorded: whole events, LF only, `data:` or `event:` ones, none the stream's last
+    (`is_final`), and no finishing or usage event when the usage chunk is to be removed. What
+    app/proxy/passthrough.py passes straight on; app/proxy/_passthrough.c makes the same checks."""
+    if len(events) < 8 or not events.endswith(b"\n\n") or b"\r" in events or is_final(events):
+        return False
+    if not events.startswith((b"data: ", b"event: ")):
+        return False
+    return not (strip_usage and (_FINISHED in events or _USAGE in events))
+
+
 def _data(event: bytes) -> Any:
     """The parsed JSON of an event's `data:` field, or None (comments, `[DONE]`, non-JSON)."""
     for line in event.splitlines():
