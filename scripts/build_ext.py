@@ -30,11 +30,9 @@ def command(out: Path, strict: bool = True) -> list[str]:
     """`strict`: warnings are errors (make); an image's compiler may warn where this one does not."""
     cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
     cflags = shlex.split(sysconfig.get_config_var("CCSHARED") or "-fPIC")
-    ldshared = sysconfig.get_config_var("LDSHARED") or ""
-    shared = ["-shared"] if "-shared" in ldshared or not ldshared else []
     include = sysconfig.get_paths()["include"]
     warnings = ["-Wall", "-Werror"] if strict else ["-Wall"]
-    return [*cc, *cflags, *shared, "-O2", *warnings, "-I", include, str(SOURCE), "-o", str(out)]
+    return [*cc, *cflags, "-shared", "-O2", *warnings, "-I", include, str(SOURCE), "-o", str(out)]
 
 
 def build(strict: bool = True) -> Path:
