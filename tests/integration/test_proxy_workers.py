@@ -97,6 +97,10 @@ def test_both_workers_serve_and_the_service_counts_each_request_once(workers_sta
         assert r.status_code == 200, r.text
         minted.append(r.headers["x-request-id"])
     assert len({m[:16] for m in minted}) == 2, minted  # two processes answered
+    # A request is counted, then logged, once its answer's last byte is out: its line is waited
+    # for, so that neither the scrapes nor the count of lines race the last answer's accounting.
+    for rid in minted:
+        workers_stack.request_log(rid)
     counts = {requests_total(workers_stack) - before for _ in range(6)}
     assert counts == {n}
     lines = [r for r in workers_stack.records() if r.get("event") == "request" and r["request_id"] in minted]
