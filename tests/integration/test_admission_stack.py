@@ -5,6 +5,7 @@ Token counts are the engine's own: what usage records is compared with vLLM's co
 from __future__ import annotations
 
 import threading
+import time
 
 import httpx
 import openai
@@ -86,9 +87,16 @@ def test_n_requests_m_served_the_rest_429_and_usage_holds_the_engines_tokens(tex
             shedding_health.append(httpx.get(p.url + "/health", timeout=10).status_code)
             for t in threads:
                 t.join(0.2)
-        rows = httpx.get(p.url + "/v1/usage?window=1h", headers={"authorization": "Bearer sk-team"}).json()[
-            "data"
-        ]
+        # The SDK stops reading a stream at `[DONE]`, which can come before the engine's end of the
+        # answer, after which the proxy counts the request: polled until every request is counted.
+        deadline = time.monotonic() + 15
+        while True:
+            rows = httpx.get(
+                p.url + "/v1/usage?window=1h", headers={"authorization": "Bearer sk-team"}
+            ).json()["data"]
+            if sum(row["requests"] for row in rows) >= n or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
 
         # tpm: tokens are counted when a request ends, from the engine's usage
         metered = client(p.url, "sk-metered")

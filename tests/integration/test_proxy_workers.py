@@ -133,7 +133,9 @@ def test_a_hang_up_through_a_worker_aborts_the_generation(workers_stack, text_st
 
 
 def test_a_killed_worker_is_restarted_and_the_counts_go_on(workers_stack):
-    complete(workers_stack, rid("before-kill"))
+    first = rid("before-kill")
+    complete(workers_stack, first)
+    workers_stack.request_log(first)  # counted before its line is written: the scrape cannot race it
     before = requests_total(workers_stack)
     pids = worker_pids(workers_stack)
     assert len(pids) == 2
@@ -147,6 +149,8 @@ def test_a_killed_worker_is_restarted_and_the_counts_go_on(workers_stack):
     ids = [rid("after-kill") for _ in range(8)]
     for request_id in ids:  # served, by either worker, while the restarted one comes up
         assert complete(workers_stack, request_id).status_code == 200
+    for request_id in ids:
+        workers_stack.request_log(request_id)
     assert {requests_total(workers_stack) - before for _ in range(4)} == {len(ids)}
     assert httpx.get(workers_stack.url + "/health", timeout=10).status_code == 200
 
