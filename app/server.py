@@ -421,8 +421,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport = _HeadersWithBody(transport, self.loop)  # type: ignore[assignment]
         self._in_headers = True
         self._head_left = MAX_HEAD_BYTES
-        self._abort_hook = self._abort
-        self._relay_hook = self._relay
         self._arm()
 
     def on_message_begin(self) -> None:
@@ -449,8 +447,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             super().on_headers_complete()
         scope = self.scope
         scope[HANGUP_HOOK] = None  # the task just created has not run yet
-        scope[ABORT_HOOK] = self._abort_hook
-        scope[RELAY_HOOK] = self._relay_hook
+        scope[ABORT_HOOK] = self._abort
+        scope[RELAY_HOOK] = self._relay
 
     def on_message_complete(self) -> None:
         self._disarm()
@@ -530,6 +528,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 cycle.message_event.set()
             if hook := cycle.scope.get(HANGUP_HOOK):
                 hook()
+        # The hooks are bound to this protocol, which holds the scopes: a reference cycle that
+        # would leave every closed connection to the cyclic collector (heap sawtooth; RESULTS.md).
+        for scope in {id(c.scope): c.scope for c in (*self._open_cycles(), self.cycle) if c}.values():
+            scope[ABORT_HOOK] = scope[RELAY_HOOK] = None
         self._earlier = ()
         super().connection_lost(exc)
 

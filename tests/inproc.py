@@ -66,11 +66,13 @@ class InProcessProxy:
         runtime: Runtime | None = None,
         plain_uvicorn: bool = False,
         wrap: Any = None,
+        uvloop: bool = False,
         **settings: Any,
     ) -> None:
         """`plain_uvicorn`: serve with uvicorn's own protocol instead of the proxy's (app/server.py),
         as `create_app()` is served when mounted elsewhere. `wrap(app)`: the app the server runs
-        (e.g. one that counts the `send` calls of the app it wraps)."""
+        (e.g. one that counts the `send` calls of the app it wraps). `uvloop`: on uvloop's event
+        loop, as the launcher serves (asyncio's otherwise)."""
         engine_port = urlparse(upstream_url).port
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -93,8 +95,16 @@ class InProcessProxy:
         if plain_uvicorn:
             config.http = "httptools"
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(
+            target=self._serve_on_uvloop if uvloop else self.server.run, daemon=True
+        )
         self.logs = LOGS
+
+    def _serve_on_uvloop(self) -> None:
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(self.server.serve())
 
     def __enter__(self) -> InProcessProxy:
         self.thread.start()

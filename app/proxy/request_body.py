@@ -123,39 +123,38 @@ class RequestInfo:
 
 def count_modalities(obj: dict[str, Any]) -> dict[str, int]:
     """Counts of text, image, video and audio parts in chat messages, prompts or Responses input."""
+    # Plain functions, not closures: a recursive closure is a reference cycle, so every request
+    # would leave garbage for the cyclic collector (heap sawtooth, fragmentation; bench/RESULTS.md).
     counts: dict[str, int] = {}
-
-    def add(kind: str, n: int = 1) -> None:
-        counts[kind] = counts.get(kind, 0) + n
-
-    def parts(content: Any) -> None:
-        if isinstance(content, str):
-            add("text")
-        elif isinstance(content, list):
-            for part in content:
-                if isinstance(part, str):
-                    add("text")
-                elif isinstance(part, dict):
-                    kind = _PART_MODALITY.get(part.get("type", ""))
-                    if kind:
-                        add(kind)
-                    elif "content" in part:  # a Responses API message item
-                        parts(part["content"])
-
     messages = obj.get("messages")
     if isinstance(messages, list):
         for message in messages:
             if isinstance(message, dict):
-                parts(message.get("content"))
+                _count_parts(counts, message.get("content"))
     elif "prompt" in obj:
         prompt = obj["prompt"]
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            add("text", len(prompt))  # a batch of prompts
+            counts["text"] = len(prompt)  # a batch of prompts
         elif prompt is not None:
-            add("text")
+            counts["text"] = 1
     elif "input" in obj:
-        parts(obj["input"])
+        _count_parts(counts, obj["input"])
     return counts
+
+
+def _count_parts(counts: dict[str, int], content: Any) -> None:
+    if isinstance(content, str):
+        counts["text"] = counts.get("text", 0) + 1
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, str):
+                counts["text"] = counts.get("text", 0) + 1
+            elif isinstance(part, dict):
+                kind = _PART_MODALITY.get(part.get("type", ""))
+                if kind:
+                    counts[kind] = counts.get(kind, 0) + 1
+                elif "content" in part:  # a Responses API message item
+                    _count_parts(counts, part["content"])
 
 
 _DATA_URL = re.compile(r"^data:([^;,]*)[^,]*,(.*)$", re.S)

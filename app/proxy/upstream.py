@@ -56,6 +56,11 @@ class UpstreamError(Exception):
         super().__init__(message)
         self.kind: ErrorKind = kind
 
+    def again(self) -> UpstreamError:
+        """A copy to raise. A connection keeps its error and may raise it more than once; raised
+        itself, it would carry a traceback whose frames hold the connection: a reference cycle."""
+        return UpstreamError(self.kind, str(self))
+
 
 class _Unsolicited(Exception):
     """A second response began on a connection that had already answered: stop parsing there."""
@@ -71,7 +76,9 @@ class _Connection(RelayBase, asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
-        self._parser = httptools.HttpResponseParser(self)
+        # Made once connected (it holds this protocol's callbacks: a cycle, broken in
+        # connection_lost; a connection that fails to connect never gets one).
+        self._parser: httptools.HttpResponseParser | None = None
         self._headers: Headers = []
         self._head: asyncio.Future | None = None
         self._chunks: collections.deque[bytes] = collections.deque()
@@ -102,6 +109,7 @@ class _Connection(RelayBase, asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._parser = httptools.HttpResponseParser(self)
 
     def _slow_received(self, data: bytes) -> None:
         if not self.busy:  # nothing was asked on this connection: a stale or smuggled answer
@@ -142,6 +150,12 @@ class _Connection(RelayBase, asyncio.Protocol):
             else:
                 self._fail(UpstreamError("protocol", "the engine closed the connection"))
         self._wake_writer()
+        # The parser holds this protocol's callbacks, and the relay's sink the request's objects,
+        # which hold this connection: reference cycles, left to the cyclic collector unless broken
+        # here (nothing is parsed or relayed after the connection is gone).
+        self._parser = None
+        self._sink = None
+        self._passthrough = None
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -247,7 +261,7 @@ class _Connection(RelayBase, asyncio.Protocol):
         if self._complete:  # the response already came through whole: nothing to fail
             return
         if self._error is None:
-            self._error = error
+            self._error = error.with_traceback(None)  # kept, and raised as copies (`again`)
         self.close_passthrough()
         if self._head is not None and not self._head.done():
             self._head.set_exception(error)
@@ -335,7 +349,7 @@ class _Connection(RelayBase, asyncio.Protocol):
         without a byte from the engine."""
         while not self._chunks:
             if self._error is not None:
-                raise self._error
+                raise self._error.again()
             if self._complete:
                 return b""
             await self._wait_data(timeout)
@@ -419,9 +433,11 @@ class _Connection(RelayBase, asyncio.Protocol):
         without a byte from the engine."""
         while True:
             if self._sink_error is not None:
-                raise self._sink_error
+                # Raised once, not kept: kept, its traceback would make a reference cycle.
+                error, self._sink_error = self._sink_error, None
+                raise error
             if self._error is not None:
-                raise self._error
+                raise self._error.again()
             if self._complete:
                 return
             await self._wait_data(timeout)
@@ -692,13 +708,17 @@ class Upstream:
         return self._response(conn, status, method, read_timeout)
 
     async def _await_head(self, conn: _Connection, head: asyncio.Future, timeout: float) -> int:
-        if head.done():
-            return head.result()
-        timer = conn._loop.call_later(timeout, _expire, head)
+        timer = None if head.done() else conn._loop.call_later(timeout, _expire, head)
         try:
-            return await head
+            return head.result() if timer is None else await head
+        except UpstreamError as exc:
+            # The future keeps its error, and the error its traceback, whose frames hold the
+            # future: a reference cycle. A copy goes on; the kept one loses its traceback.
+            exc.__traceback__ = None
+            raise exc.again() from None
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
 
     def _response(self, conn: _Connection, status: int, method: str, read_timeout: float) -> UpstreamResponse:
         if method == "HEAD":  # no body follows, whatever the headers say

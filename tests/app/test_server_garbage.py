@@ -1,0 +1,258 @@
+"""A finished request and a closed connection leave nothing for the cyclic garbage collector.
+
+What a request leaves in a reference cycle is freed only by a collection of the oldest generation,
+which CPython runs after the long-lived objects grew by a quarter: under load the heap saws up and
+down by megabytes, and the process's RSS creeps up with the fragmentation (`bench/RESULTS.md`,
+"Memory under paced streams"). Everything here must be freed by reference counting alone.
+
+The proxy runs in this process on uvloop, as the launcher serves it (asyncio's own socket transport
+is a cycle of the standard library's, outside this test's concern), in front of the fault-injecting
+fake engine (tests/fake_engine.py) for the engine's errors and breaks. The clients are raw sockets
+and `http.client`. Only garbage of the proxy's code (`app`, `uvicorn`) counts: the fake engine and
+the clients run in this process too.
+"""
+
+from __future__ import annotations
+
+import gc
+import http.client
+import socket
+import time
+import types
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from fake_engine import FakeEngine
+from inproc import InProcessProxy
+from stack import free_port
+
+KEY = "sk-garbage-test"
+LIMITED_KEY = "sk-garbage-one-per-minute"
+AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+CHAT = b'{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}]}'
+STREAM = CHAT[:-1] + b',"stream":true}'
+REQUESTS = 5
+
+
+@dataclass
+class Stack:
+    proxy: InProcessProxy
+    engine: FakeEngine
+    dead: InProcessProxy
+    """A proxy whose engine is not there."""
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    keys = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    keys.write_text(
+        f"- {{name: team, key: {KEY}, max_parallel_requests: 8, rpm: 100000, tpm: 10000000, models: [m]}}\n"
+        f"- {{name: slow, key: {LIMITED_KEY}, rpm: 1}}\n"
+    )
+    limits = {
+        "API_KEY_FILE": keys,
+        "UPSTREAM_FIRST_BYTE_TIMEOUT": 0.3,
+        "UPSTREAM_IDLE_TIMEOUT": 0.3,
+        "MAX_CONCURRENT_REQUESTS": 2,
+        "MAX_QUEUED_REQUESTS": 0,
+    }
+    with (
+        FakeEngine() as engine,
+        InProcessProxy(engine.url, uvloop=True, **limits) as proxy,
+        InProcessProxy(f"http://127.0.0.1:{free_port()}", uvloop=True, API_KEY=KEY) as dead,
+    ):
+        yield Stack(proxy, engine, dead)
+
+
+def _ours(obj: Any) -> str | None:
+    """A label for a garbage object of the proxy's code; None for anything else's."""
+    if isinstance(obj, types.FrameType):
+        code = obj.f_code
+        return (
+            f"frame {code.co_name}" if "/app/" in code.co_filename or "uvicorn" in code.co_filename else None
+        )
+    if isinstance(obj, types.MethodType):
+        obj = obj.__func__
+    if isinstance(obj, (types.FunctionType, types.CoroutineType)):
+        module = (
+            obj.__module__
+            if isinstance(obj, types.FunctionType)
+            else obj.cr_frame and obj.cr_frame.f_globals.get("__name__")
+        )
+        kind = type(obj).__name__
+    else:
+        module, kind = type(obj).__module__, "object"
+    if module and (module == "app" or module.startswith(("app.", "uvicorn"))):
+        return f"{kind} {module}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+    return None
+
+
+def _cyclic_garbage(stack: Stack, scenario: Callable[[Stack], list[str]]) -> Counter[str]:
+    """What of the proxies' `scenario(stack)` (which returns its requests' ids) only the cyclic
+    collector would free, once every request is logged and every connection is closed."""
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # unreachable objects go to gc.garbage instead of being freed
+    try:
+        for request_id in scenario(stack):
+            stack.proxy.logs.request(request_id)  # written after the answer's last byte
+        servers = [stack.proxy.server, stack.dead.server]
+        deadline = time.monotonic() + 10
+        while any(s.server_state.connections for s in servers) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not any(s.server_state.connections for s in servers), "a connection stayed open"
+        time.sleep(0.05)  # the loop finishes what the last connection_lost started
+        gc.collect()
+        return Counter(label for obj in gc.garbage if (label := _ours(obj)))
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+def _request(
+    port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> str:
+    """One request on its own connection (closed after it); its request id."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body, {**AUTH, **(headers or {})})
+        resp = conn.getresponse()
+        try:
+            resp.read()
+        except http.client.IncompleteRead:  # the engine broke off: so does the answer
+            pass
+        return resp.headers["x-request-id"]
+    finally:
+        conn.close()
+
+
+def _keep_alive(port: int, body: bytes, headers: dict[str, str] | None = None) -> list[str]:
+    """REQUESTS requests on one connection, then closed."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    ids = []
+    try:
+        for _ in range(REQUESTS):
+            conn.request("POST", "/v1/chat/completions", body, {**AUTH, **(headers or {})})
+            resp = conn.getresponse()
+            resp.read()
+            ids.append(resp.headers["x-request-id"])
+    finally:
+        conn.close()
+    return ids
+
+
+def _hang_up_mid_stream(port: int) -> list[str]:
+    """A client that leaves after the first event of an endless stream (the engine's work is
+    aborted); the connection is reset, as a killed client's is."""
+    ids = []
+    for _ in range(REQUESTS):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n"
+            f"content-type: application/json\r\nx-fake: endless\r\ncontent-length: {len(STREAM)}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + STREAM)
+        got = b""
+        while b"data:" not in got:
+            chunk = sock.recv(65536)
+            assert chunk, got
+            got += chunk
+        ids.append(
+            next(
+                line.split(b":", 1)[1].strip().decode()
+                for line in got.split(b"\r\n")
+                if line.lower().startswith(b"x-request-id:")
+            )
+        )
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()
+    return ids
+
+
+def _each(method: str, path: str, body: bytes | None = None, **headers: str) -> Callable[[Stack], list[str]]:
+    return lambda stack: [_request(stack.proxy.port, method, path, body, headers) for _ in range(REQUESTS)]
+
+
+def _chunked_upload(stack: Stack) -> list[str]:
+    """A body of unknown length: streamed to the engine as it arrives."""
+    ids = []
+    for _ in range(REQUESTS):
+        conn = http.client.HTTPConnection("127.0.0.1", stack.proxy.port, timeout=10)
+        try:
+            conn.request(
+                "POST", "/v1/chat/completions", iter([CHAT[:10], CHAT[10:]]), AUTH, encode_chunked=True
+            )
+            resp = conn.getresponse()
+            resp.read()
+            ids.append(resp.headers["x-request-id"])
+        finally:
+            conn.close()
+    return ids
+
+
+def _engine_unreachable(stack: Stack) -> list[str]:
+    return [_request(stack.dead.port, "POST", "/v1/chat/completions", CHAT) for _ in range(REQUESTS)]
+
+
+def _over_capacity(stack: Stack) -> list[str]:
+    """Both of MAX_CONCURRENT_REQUESTS's slots held at the engine, no queue: the next gets 429."""
+    with ThreadPoolExecutor(2) as pool:
+        gated = [
+            pool.submit(_request, stack.proxy.port, "POST", "/v1/chat/completions", CHAT, {"x-fake": "gate"})
+            for _ in range(2)
+        ]
+        deadline = time.monotonic() + 10
+        while stack.engine.held < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        refused = [_request(stack.proxy.port, "POST", "/v1/chat/completions", CHAT) for _ in range(REQUESTS)]
+        stack.engine.release(2)
+        return refused + [f.result() for f in gated]
+
+
+SCENARIOS: dict[str, Callable[[Stack], list[str]]] = {
+    "chat-json-keep-alive": lambda stack: _keep_alive(stack.proxy.port, CHAT),
+    "chat-stream-keep-alive": lambda stack: _keep_alive(stack.proxy.port, STREAM, {"x-fake": "stream"}),
+    "chat-json-connection-each": _each("POST", "/v1/chat/completions", CHAT),
+    "chat-stream-connection-each": _each("POST", "/v1/chat/completions", STREAM, **{"x-fake": "stream"}),
+    "engine-error-400": _each("POST", "/v1/chat/completions", CHAT, **{"x-fake": "status"}),
+    "engine-dies-mid-stream": _each("POST", "/v1/chat/completions", STREAM, **{"x-fake": "crash-mid-stream"}),
+    "client-hangs-up-mid-stream": lambda stack: _hang_up_mid_stream(stack.proxy.port),
+    "engine-silent-504": _each("POST", "/v1/chat/completions", CHAT, **{"x-fake": "hang"}),
+    "engine-stalls-mid-stream": _each(
+        "POST", "/v1/chat/completions", STREAM, **{"x-fake": "stall-mid-stream"}
+    ),
+    "engine-unreachable-502": _engine_unreachable,
+    "over-capacity-429": _over_capacity,
+    "chunked-upload": _chunked_upload,
+    "no-api-key-401": _each("POST", "/v1/chat/completions", CHAT, Authorization=""),
+    "key-over-its-rpm-429": _each(
+        "POST", "/v1/chat/completions", CHAT, Authorization=f"Bearer {LIMITED_KEY}"
+    ),
+    "model-not-for-the-key-403": _each("POST", "/v1/chat/completions", CHAT.replace(b'"m"', b'"other"')),
+    "unknown-route-404": _each("POST", "/v1/nowhere", CHAT),
+    "body-not-json": _each("POST", "/v1/chat/completions", b"{not json"),
+    "body-nested-too-deep-400": _each(
+        "POST", "/v1/chat/completions", b'{"messages":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    ),
+    "responses-input": _each(
+        "POST",
+        "/v1/responses",
+        b'{"model":"m","input":[{"role":"user","content":[{"type":"input_text","text":"hi"}]}]}',
+    ),
+    "completions-prompts": _each("POST", "/v1/completions", b'{"model":"m","prompt":["a","b"]}'),
+    "health": _each("GET", "/health"),
+    "metrics": _each("GET", "/metrics"),
+    "models": _each("GET", "/v1/models", **{"x-fake": "models"}),
+}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_requests_and_closed_connections_leave_no_reference_cycles(stack: Stack, scenario: str) -> None:
+    garbage = _cyclic_garbage(stack, SCENARIOS[scenario])
+    assert not garbage, f"left for the cyclic collector after {scenario}: {dict(garbage)}"
