@@ -7,11 +7,16 @@ real engine (auth, body limits) or in front of a fault-injecting fake (tests/fak
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
+import re
 import tempfile
 import threading
 import time
+import types
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -118,6 +123,46 @@ class InProcessProxy:
     def __exit__(self, *exc: Any) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+_OWN_CODE = re.compile(r"/(app|uvicorn)/")
+
+
+def _ours(obj: Any) -> str | None:
+    """A label for an object of the proxy's code (`app`, `uvicorn`); None for anything else's."""
+    code = obj.f_code if isinstance(obj, types.FrameType) else getattr(obj, "cr_code", None)
+    if isinstance(code, types.CodeType):  # a frame or a coroutine
+        return f"{type(obj).__name__} {code.co_qualname}" if _OWN_CODE.search(code.co_filename) else None
+    if isinstance(obj, types.MethodType):
+        obj = obj.__func__
+    module = obj.__module__ if isinstance(obj, types.FunctionType) else type(obj).__module__
+    if module == "app" or module.startswith(("app.", "uvicorn")):
+        return f"{type(obj).__name__} {module}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+    return None
+
+
+def cyclic_garbage(proxies: list[InProcessProxy], run: Callable[[], list[str]]) -> Counter[str]:
+    """What of the proxy's code only the cyclic garbage collector would free after `run()` (which
+    returns its requests' ids), once every request is logged and every connection is closed.
+    Other code in this process (engines, clients) may leave garbage of its own: not counted."""
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # unreachable objects go to gc.garbage instead of being freed
+    try:
+        for request_id in run():
+            LOGS.request(request_id)  # written after the answer's last byte
+        servers = [p.server for p in proxies]
+        deadline = time.monotonic() + 10
+        while any(s.server_state.connections for s in servers) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not any(s.server_state.connections for s in servers), "a connection stayed open"
+        time.sleep(0.05)  # the loop finishes what the last connection_lost started
+        gc.collect()
+        return Counter(label for obj in gc.garbage if (label := _ours(obj)))
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
 
 
 def run_async(coro: Any) -> Any:

@@ -14,21 +14,18 @@ the clients run in this process too.
 
 from __future__ import annotations
 
-import gc
 import http.client
 import socket
 import time
-import types
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 
 from fake_engine import FakeEngine
-from inproc import InProcessProxy
+from inproc import InProcessProxy, cyclic_garbage
 from stack import free_port
 
 KEY = "sk-garbage-test"
@@ -69,50 +66,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield Stack(proxy, engine, dead)
 
 
-def _ours(obj: Any) -> str | None:
-    """A label for a garbage object of the proxy's code; None for anything else's."""
-    if isinstance(obj, types.FrameType):
-        code = obj.f_code
-        return (
-            f"frame {code.co_name}" if "/app/" in code.co_filename or "uvicorn" in code.co_filename else None
-        )
-    if isinstance(obj, types.MethodType):
-        obj = obj.__func__
-    if isinstance(obj, (types.FunctionType, types.CoroutineType)):
-        module = (
-            obj.__module__
-            if isinstance(obj, types.FunctionType)
-            else obj.cr_frame and obj.cr_frame.f_globals.get("__name__")
-        )
-        kind = type(obj).__name__
-    else:
-        module, kind = type(obj).__module__, "object"
-    if module and (module == "app" or module.startswith(("app.", "uvicorn"))):
-        return f"{kind} {module}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
-    return None
-
-
 def _cyclic_garbage(stack: Stack, scenario: Callable[[Stack], list[str]]) -> Counter[str]:
-    """What of the proxies' `scenario(stack)` (which returns its requests' ids) only the cyclic
-    collector would free, once every request is logged and every connection is closed."""
-    gc.collect()
-    gc.disable()
-    gc.set_debug(gc.DEBUG_SAVEALL)  # unreachable objects go to gc.garbage instead of being freed
-    try:
-        for request_id in scenario(stack):
-            stack.proxy.logs.request(request_id)  # written after the answer's last byte
-        servers = [stack.proxy.server, stack.dead.server]
-        deadline = time.monotonic() + 10
-        while any(s.server_state.connections for s in servers) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not any(s.server_state.connections for s in servers), "a connection stayed open"
-        time.sleep(0.05)  # the loop finishes what the last connection_lost started
-        gc.collect()
-        return Counter(label for obj in gc.garbage if (label := _ours(obj)))
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
+    return cyclic_garbage([stack.proxy, stack.dead], lambda: scenario(stack))
 
 
 def _request(
@@ -247,6 +202,13 @@ SCENARIOS: dict[str, Callable[[Stack], list[str]]] = {
     ),
     "completions-prompts": _each("POST", "/v1/completions", b'{"model":"m","prompt":["a","b"]}'),
     "health": _each("GET", "/health"),
+    "info": _each("GET", "/info"),
+    "dashboard": _each("GET", "/dashboard"),
+    "live-metrics": _each("GET", "/api/v1/live_metrics"),
+    "usage": _each("GET", "/v1/usage"),
+    "lora-adapters": _each("GET", "/v1/lora_adapters"),
+    "batch-files": _each("GET", "/v1/files"),
+    "admin-route-refused": _each("POST", "/start_profile", b"{}"),
     "metrics": _each("GET", "/metrics"),
     "models": _each("GET", "/v1/models", **{"x-fake": "models"}),
 }
