@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import http.client
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -42,6 +43,8 @@ class Stack:
     engine: FakeEngine
     dead: InProcessProxy
     """A proxy whose engine is not there."""
+    queued: InProcessProxy
+    """One engine slot, a queue of 4, 0.3 s in it at most, 0.5 s for a client to send its request."""
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +65,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         FakeEngine() as engine,
         InProcessProxy(engine.url, uvloop=True, **limits) as proxy,
         InProcessProxy(f"http://127.0.0.1:{free_port()}", uvloop=True, API_KEY=KEY) as dead,
+        InProcessProxy(
+            engine.url,
+            uvloop=True,
+            API_KEY=KEY,
+            MAX_CONCURRENT_REQUESTS=1,
+            MAX_QUEUED_REQUESTS=4,
+            QUEUE_TIMEOUT=0.3,
+            CLIENT_TIMEOUT=0.5,
+        ) as queued,
     ):
-        yield Stack(proxy, engine, dead)
+        yield Stack(proxy, engine, dead, queued)
 
 
 def _cyclic_garbage(stack: Stack, scenario: Callable[[Stack], list[str]]) -> Counter[str]:
-    return cyclic_garbage([stack.proxy, stack.dead], lambda: scenario(stack))
+    return cyclic_garbage([stack.proxy, stack.dead, stack.queued], lambda: scenario(stack))
 
 
 def _request(
@@ -170,6 +182,84 @@ def _over_capacity(stack: Stack) -> list[str]:
         return refused + [f.result() for f in gated]
 
 
+def _behind_a_held_slot(stack: Stack, others: Callable[[], list[str]], release_after: float) -> list[str]:
+    """`others()` while the queued proxy's one engine slot is held (a gated request), released
+    `release_after` seconds in."""
+    port = stack.queued.port
+    with ThreadPoolExecutor(1) as pool:
+        gated = pool.submit(_request, port, "POST", "/v1/chat/completions", CHAT, {"x-fake": "gate"})
+        deadline = time.monotonic() + 10
+        while stack.engine.held < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        threading.Timer(release_after, stack.engine.release).start()
+        return others() + [gated.result()]
+
+
+def _queued_then_served(stack: Stack) -> list[str]:
+    def others() -> list[str]:
+        with ThreadPoolExecutor(3) as pool:
+            waiting = [
+                pool.submit(_request, stack.queued.port, "POST", "/v1/chat/completions", CHAT)
+                for _ in range(3)
+            ]
+            return [f.result() for f in waiting]
+
+    return _behind_a_held_slot(stack, others, release_after=0.1)
+
+
+def _queue_timeout(stack: Stack) -> list[str]:
+    def others() -> list[str]:
+        with ThreadPoolExecutor(3) as pool:
+            waiting = [
+                pool.submit(_request, stack.queued.port, "POST", "/v1/chat/completions", CHAT)
+                for _ in range(3)
+            ]
+            return [f.result() for f in waiting]
+
+    return _behind_a_held_slot(stack, others, release_after=0.6)  # after QUEUE_TIMEOUT: 429s
+
+
+def _hang_up_while_queued(stack: Stack) -> list[str]:
+    """Clients that leave while their requests wait in the queue (their ids are their own)."""
+
+    def others() -> list[str]:
+        ids = [f"left-in-queue-{i}-{time.monotonic_ns()}" for i in range(3)]
+        socks = []
+        for request_id in ids:
+            sock = socket.create_connection(("127.0.0.1", stack.queued.port), timeout=10)
+            head = (
+                f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n"
+                f"x-request-id: {request_id}\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(CHAT)}\r\n\r\n"
+            )
+            sock.sendall(head.encode() + CHAT)
+            socks.append(sock)
+        time.sleep(0.1)
+        for sock in socks:
+            sock.close()
+        return ids
+
+    return _behind_a_held_slot(stack, others, release_after=0.2)
+
+
+def _client_too_slow(stack: Stack) -> list[str]:
+    """Clients that send nothing, half a head, or half a body within CLIENT_TIMEOUT (408)."""
+    socks = []
+    for partial in (
+        b"",
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{",
+    ):
+        sock = socket.create_connection(("127.0.0.1", stack.queued.port), timeout=10)
+        sock.sendall(partial)
+        socks.append(sock)
+    for sock in socks:
+        while sock.recv(65536):  # until the proxy closes it
+            pass
+        sock.close()
+    return []
+
+
 SCENARIOS: dict[str, Callable[[Stack], list[str]]] = {
     "chat-json-keep-alive": lambda stack: _keep_alive(stack.proxy.port, CHAT),
     "chat-stream-keep-alive": lambda stack: _keep_alive(stack.proxy.port, STREAM, {"x-fake": "stream"}),
@@ -185,6 +275,10 @@ SCENARIOS: dict[str, Callable[[Stack], list[str]]] = {
     "engine-unreachable-502": _engine_unreachable,
     "over-capacity-429": _over_capacity,
     "chunked-upload": _chunked_upload,
+    "queued-then-served": _queued_then_served,
+    "queue-timeout-429": _queue_timeout,
+    "client-hangs-up-while-queued": _hang_up_while_queued,
+    "client-too-slow-408": _client_too_slow,
     "no-api-key-401": _each("POST", "/v1/chat/completions", CHAT, Authorization=""),
     "key-over-its-rpm-429": _each(
         "POST", "/v1/chat/completions", CHAT, Authorization=f"Bearer {LIMITED_KEY}"
