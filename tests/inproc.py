@@ -29,7 +29,7 @@ from app.proxy.upstream import _Connection
 from app.runtime import Phase, Runtime
 from app.server import server_config
 from app.settings import Settings
-from stack import free_port
+from stack import free_port, wait_for
 
 
 class LogSink(io.TextIOBase):
@@ -152,10 +152,9 @@ def cyclic_garbage(proxies: list[InProcessProxy], run: Callable[[], list[str]]) 
         for request_id in run():
             LOGS.request(request_id)  # written after the answer's last byte
         servers = [p.server for p in proxies]
-        deadline = time.monotonic() + 10
-        while any(s.server_state.connections for s in servers) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not any(s.server_state.connections for s in servers), "a connection stayed open"
+        wait_for(
+            lambda: not any(s.server_state.connections for s in servers), what="the connections to close"
+        )
         time.sleep(0.05)  # the loop finishes what the last connection_lost started
         gc.collect()
         return Counter(label for obj in gc.garbage if (label := _ours(obj)))

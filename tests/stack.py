@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,25 @@ CPU_ENV = {
     # down (the grace is tested on the fleet, tests/integration/test_fleet.py).
     "DRAIN_GRACE_SECONDS": "0",
 }
+
+
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,
+    what: str | Callable[[], str] = "",
+    interval: float = 0.01,
+) -> Any:
+    """Poll `predicate` until it returns something true, and return that; after `timeout` seconds
+    fail with `what` (a callable is asked only then, e.g. for a log's tail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            detail = what() if callable(what) else what
+            raise AssertionError(f"not within {timeout:g} s: {detail or predicate}")
+        time.sleep(interval)
 
 
 def free_port() -> int:

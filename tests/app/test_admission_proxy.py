@@ -20,6 +20,7 @@ import pytest
 from app import metrics
 from fake_engine import FakeEngine
 from inproc import InProcessProxy
+from stack import wait_for
 
 KEYS = """\
 - name: burst
@@ -66,13 +67,6 @@ def post(
     if key is not None:
         headers["authorization"] = f"Bearer {key}"
     return httpx.post(url + "/v1/chat/completions", json={"model": model}, headers=headers, timeout=60, **kw)
-
-
-def wait_for(check, timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what or check}"
-        time.sleep(0.01)
 
 
 def in_threads(jobs) -> tuple[list[threading.Thread], dict]:

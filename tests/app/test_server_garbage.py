@@ -27,7 +27,7 @@ import pytest
 
 from fake_engine import FakeEngine
 from inproc import InProcessProxy, cyclic_garbage
-from stack import free_port
+from stack import free_port, wait_for
 
 KEY = "sk-garbage-test"
 LIMITED_KEY = "sk-garbage-one-per-minute"
@@ -174,9 +174,7 @@ def _over_capacity(stack: Stack) -> list[str]:
             pool.submit(_request, stack.proxy.port, "POST", "/v1/chat/completions", CHAT, {"x-fake": "gate"})
             for _ in range(2)
         ]
-        deadline = time.monotonic() + 10
-        while stack.engine.held < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: stack.engine.held == 2, what="both slots held at the engine")
         refused = [_request(stack.proxy.port, "POST", "/v1/chat/completions", CHAT) for _ in range(REQUESTS)]
         stack.engine.release(2)
         return refused + [f.result() for f in gated]
@@ -188,9 +186,7 @@ def _behind_a_held_slot(stack: Stack, others: Callable[[], list[str]], release_a
     port = stack.queued.port
     with ThreadPoolExecutor(1) as pool:
         gated = pool.submit(_request, port, "POST", "/v1/chat/completions", CHAT, {"x-fake": "gate"})
-        deadline = time.monotonic() + 10
-        while stack.engine.held < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: stack.engine.held == 1, what="the slot held at the engine")
         threading.Timer(release_after, stack.engine.release).start()
         return others() + [gated.result()]
 

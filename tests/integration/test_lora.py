@@ -26,7 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from scripts.tiny_adapters import build_adapter
-from stack import ROOT, Stack
+from stack import ROOT, Stack, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -102,17 +102,6 @@ def complete(client, model: str, request_id: str | None = None, **kw):
         extra_headers={"x-request-id": request_id} if request_id else None,
         **kw,
     )
-
-
-def wait_for(predicate, timeout: float = 30, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(0.25)
 
 
 def test_each_way_of_configuring_serves_its_adapters_and_the_list_agrees_with_the_engine(lora_stack):
@@ -205,7 +194,7 @@ def test_runtime_load_list_request_unload_then_404(client, lora_stack, adapters)
 def test_a_new_lora_dir_folder_is_picked_up_without_a_restart(client, lora_stack, adapters):
     # Scanned: listed once the folder stood still for one scan interval (LORA_SCAN_INTERVAL=1).
     shutil.copytree(adapters / "spare-r8", adapters / "dir" / "beta")
-    wait_for(lambda: models(lora_stack).get("beta") == BASE, 30, "beta listed by the engine")
+    wait_for(lambda: models(lora_stack).get("beta") == BASE, 30, "beta listed by the engine", interval=0.25)
     assert listed(lora_stack)["beta"]["origin"] == "dir"
     # Named by a request before any scan saw it: loaded for that request.
     shutil.copytree(adapters / "spare-r16", adapters / "dir" / "gamma")
@@ -265,7 +254,7 @@ def test_the_dashboard_shows_a_row_per_adapter(client, lora_stack):
         rows = httpx.get(lora_stack.url + "/api/v1/live_metrics", timeout=30).json()["models"]
         return next((r for r in rows if r["model"] == "alpha" and r["request_rate"]), None)
 
-    row = wait_for(alpha_row, 20, "alpha's row with a request rate")
+    row = wait_for(alpha_row, 20, "alpha's row with a request rate", interval=0.25)
     assert row["adapter"] is True and row["requests"] >= 3 and row["completion_tokens_per_s"] > 0
     from playwright.sync_api import sync_playwright
 

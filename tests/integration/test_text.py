@@ -9,6 +9,8 @@ import httpx
 import openai
 import pytest
 
+from stack import wait_for
+
 pytestmark = pytest.mark.integration
 
 MODEL = "tiny-text"
@@ -236,25 +238,18 @@ def test_metrics_carry_the_proxys_and_the_engines_families(client, text_stack):
     assert not any(s.labels["route"] in ("/health", "/metrics") for s in requests.samples)
 
 
-def _wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def _assert_engine_aborted(stack, request_id: str, generated_before: float) -> None:
     """The engine's own log says it aborted this request, and its counters agree: nothing is
     running and far fewer than the 4000 requested tokens were generated."""
-    assert _wait_for(
+    wait_for(
         lambda: any(
             "Aborted request" in str(r.get("event")) and request_id in str(r.get("event"))
             for r in stack.records()
-        )
-    ), stack.tail(20)
-    assert _wait_for(lambda: stack.engine_metric("vllm:num_requests_running") == 0)
+        ),
+        what=lambda: stack.tail(20),
+        interval=0.1,
+    )
+    wait_for(lambda: stack.engine_metric("vllm:num_requests_running") == 0, interval=0.1)
     assert stack.engine_metric("vllm:generation_tokens_total") - generated_before < 2000
 
 
