@@ -613,6 +613,9 @@ class Upstream:
         return None
 
     def _put(self, conn: _Connection) -> None:
+        # An idle connection holds nothing of the request it served (its relay sink holds the
+        # client's connection and the request's objects): freed now, not when it is next used.
+        conn._sink = conn._passthrough = None
         if not conn.reusable:
             conn.abort()
             return

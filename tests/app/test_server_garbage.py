@@ -14,17 +14,22 @@ the clients run in this process too.
 
 from __future__ import annotations
 
+import gc
 import http.client
 import socket
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
+from app.proxy.upstream import _Connection
+from app.server import ABORT_HOOK
 from fake_engine import FakeEngine
 from inproc import InProcessProxy, cyclic_garbage
 from stack import free_port, wait_for
@@ -308,3 +313,44 @@ SCENARIOS: dict[str, Callable[[Stack], list[str]]] = {
 def test_requests_and_closed_connections_leave_no_reference_cycles(stack: Stack, scenario: str) -> None:
     garbage = _cyclic_garbage(stack, SCENARIOS[scenario])
     assert not garbage, f"left for the cyclic collector after {scenario}: {dict(garbage)}"
+
+
+def test_a_pooled_engine_connection_keeps_nothing_of_the_requests_it_served() -> None:
+    """The engine connection goes back to the pool after a stream; the client's connection, its
+    protocol and its request's objects are freed when the client leaves, not when the pooled
+    connection is next used (up to 100 of them, each holding a finished request's objects)."""
+    protocols: list[weakref.ref] = []
+
+    def wrap(app: Any) -> Any:
+        async def recording(scope: dict, receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                protocols.append(weakref.ref(scope[ABORT_HOOK].__self__))
+            await app(scope, receive, send)
+
+        return recording
+
+    with FakeEngine() as engine, InProcessProxy(engine.url, uvloop=True, wrap=wrap) as proxy:
+        gc.disable()  # what lives on is held, not waiting for a collection
+        try:
+            for body, fake in ((CHAT, "echo"), (STREAM, "stream")):  # the stream last: its connection idles
+                conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+                conn.request(
+                    "POST", "/v1/chat/completions", body, {"Content-Type": "application/json", "x-fake": fake}
+                )
+                resp = conn.getresponse()
+                resp.read()  # the whole answer: the engine connection is pooled, not dropped
+                rid = resp.headers["x-request-id"]
+                conn.close()
+                proxy.logs.request(rid)
+            wait_for(
+                lambda: not proxy.server.server_state.connections, what="the client connections to close"
+            )
+            assert len(protocols) == 2
+            assert any(isinstance(o, _Connection) and not o.closed for o in gc.get_objects()), "none pooled"
+            wait_for(
+                lambda: all(ref() is None for ref in protocols),
+                timeout=2,
+                what="the client protocols to be freed",
+            )
+        finally:
+            gc.enable()
