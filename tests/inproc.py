@@ -7,10 +7,14 @@ real engine (auth, body limits) or in front of a fault-injecting fake (tests/fak
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import http.client
 import io
 import json
 import re
+import socket
+import struct
 import tempfile
 import threading
 import time
@@ -162,6 +166,54 @@ def cyclic_garbage(proxies: list[InProcessProxy], run: Callable[[], list[str]]) 
         gc.set_debug(0)
         gc.garbage.clear()
         gc.enable()
+
+
+def exchange(
+    port: int, requests: list[tuple[str, str, Any, dict[str, str]]], timeout: float = 10
+) -> list[str]:
+    """`requests` (method, path, body, headers) one after the other on one connection, each answer
+    read whole (or as far as it came, if it broke off), then the connection closed: their request
+    ids. A body that is not bytes is sent chunked."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    ids = []
+    try:
+        for method, path, body, headers in requests:
+            chunked = body is not None and not isinstance(body, bytes)
+            conn.request(method, path, body, headers, encode_chunked=chunked)
+            resp = conn.getresponse()
+            with contextlib.suppress(http.client.IncompleteRead):  # the engine broke off: so did the answer
+                resp.read()
+            ids.append(resp.headers["x-request-id"])
+    finally:
+        conn.close()
+    return ids
+
+
+def leave_after_first_event(
+    port: int, body: bytes, head: str = "", reset: bool = False, timeout: float = 10
+) -> str:
+    """A client that POSTs a streamed chat request (`head`: more header lines, each ending in CRLF),
+    reads up to its first event and leaves, with a reset (as a killed client's) if `reset`: the
+    request's id."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{head}"
+        f"content-length: {len(body)}\r\n\r\n"
+    )
+    sock.sendall(request.encode() + body)
+    got = b""
+    while b"data:" not in got:
+        chunk = sock.recv(65536)
+        assert chunk, got
+        got += chunk
+    if reset:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    return next(
+        line.split(b":", 1)[1].strip().decode()
+        for line in got.split(b"\r\n")
+        if line.lower().startswith(b"x-request-id:")
+    )
 
 
 def run_async(coro: Any) -> Any:

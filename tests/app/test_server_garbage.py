@@ -15,7 +15,6 @@ the clients run in this process too.
 from __future__ import annotations
 
 import gc
-import http.client
 import socket
 import threading
 import time
@@ -31,7 +30,7 @@ import pytest
 from app.proxy.upstream import _Connection
 from app.server import ABORT_HOOK
 from fake_engine import FakeEngine
-from inproc import InProcessProxy, cyclic_garbage
+from inproc import InProcessProxy, cyclic_garbage, exchange, leave_after_first_event
 from stack import free_port, wait_for
 
 KEY = "sk-garbage-test"
@@ -91,60 +90,19 @@ def _request(
     port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
 ) -> str:
     """One request on its own connection (closed after it); its request id."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request(method, path, body, {**AUTH, **(headers or {})})
-        resp = conn.getresponse()
-        try:
-            resp.read()
-        except http.client.IncompleteRead:  # the engine broke off: so does the answer
-            pass
-        return resp.headers["x-request-id"]
-    finally:
-        conn.close()
+    return exchange(port, [(method, path, body, {**AUTH, **(headers or {})})])[0]
 
 
 def _keep_alive(port: int, body: bytes, headers: dict[str, str] | None = None) -> list[str]:
     """REQUESTS requests on one connection, then closed."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    ids = []
-    try:
-        for _ in range(REQUESTS):
-            conn.request("POST", "/v1/chat/completions", body, {**AUTH, **(headers or {})})
-            resp = conn.getresponse()
-            resp.read()
-            ids.append(resp.headers["x-request-id"])
-    finally:
-        conn.close()
-    return ids
+    return exchange(port, [("POST", "/v1/chat/completions", body, {**AUTH, **(headers or {})})] * REQUESTS)
 
 
 def _hang_up_mid_stream(port: int) -> list[str]:
-    """A client that leaves after the first event of an endless stream (the engine's work is
+    """Clients that leave after the first event of an endless stream (the engine's work is
     aborted); the connection is reset, as a killed client's is."""
-    ids = []
-    for _ in range(REQUESTS):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        head = (
-            f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n"
-            f"content-type: application/json\r\nx-fake: endless\r\ncontent-length: {len(STREAM)}\r\n\r\n"
-        )
-        sock.sendall(head.encode() + STREAM)
-        got = b""
-        while b"data:" not in got:
-            chunk = sock.recv(65536)
-            assert chunk, got
-            got += chunk
-        ids.append(
-            next(
-                line.split(b":", 1)[1].strip().decode()
-                for line in got.split(b"\r\n")
-                if line.lower().startswith(b"x-request-id:")
-            )
-        )
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        sock.close()
-    return ids
+    head = f"authorization: Bearer {KEY}\r\nx-fake: endless\r\n"
+    return [leave_after_first_event(port, STREAM, head, reset=True) for _ in range(REQUESTS)]
 
 
 def _each(method: str, path: str, body: bytes | None = None, **headers: str) -> Callable[[Stack], list[str]]:
@@ -153,19 +111,8 @@ def _each(method: str, path: str, body: bytes | None = None, **headers: str) -> 
 
 def _chunked_upload(stack: Stack) -> list[str]:
     """A body of unknown length: streamed to the engine as it arrives."""
-    ids = []
-    for _ in range(REQUESTS):
-        conn = http.client.HTTPConnection("127.0.0.1", stack.proxy.port, timeout=10)
-        try:
-            conn.request(
-                "POST", "/v1/chat/completions", iter([CHAT[:10], CHAT[10:]]), AUTH, encode_chunked=True
-            )
-            resp = conn.getresponse()
-            resp.read()
-            ids.append(resp.headers["x-request-id"])
-        finally:
-            conn.close()
-    return ids
+    chunked = ("POST", "/v1/chat/completions", [CHAT[:10], CHAT[10:]], AUTH)
+    return [exchange(stack.proxy.port, [chunked])[0] for _ in range(REQUESTS)]
 
 
 def _engine_unreachable(stack: Stack) -> list[str]:
@@ -333,14 +280,9 @@ def test_a_pooled_engine_connection_keeps_nothing_of_the_requests_it_served() ->
         gc.disable()  # what lives on is held, not waiting for a collection
         try:
             for body, fake in ((CHAT, "echo"), (STREAM, "stream")):  # the stream last: its connection idles
-                conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
-                conn.request(
-                    "POST", "/v1/chat/completions", body, {"Content-Type": "application/json", "x-fake": fake}
-                )
-                resp = conn.getresponse()
-                resp.read()  # the whole answer: the engine connection is pooled, not dropped
-                rid = resp.headers["x-request-id"]
-                conn.close()
+                # The whole answer read: the engine connection is pooled, not dropped.
+                headers = {"Content-Type": "application/json", "x-fake": fake}
+                (rid,) = exchange(proxy.port, [("POST", "/v1/chat/completions", body, headers)])
                 proxy.logs.request(rid)
             wait_for(
                 lambda: not proxy.server.server_state.connections, what="the client connections to close"

@@ -4,13 +4,11 @@ tests/app/test_server_garbage.py against the fault-injecting fake."""
 
 from __future__ import annotations
 
-import http.client
 import json
-import socket
 
 import pytest
 
-from inproc import InProcessProxy, cyclic_garbage
+from inproc import InProcessProxy, cyclic_garbage, exchange, leave_after_first_event
 
 pytestmark = pytest.mark.integration
 
@@ -29,33 +27,10 @@ def _chat(stream: bool, **extra: object) -> bytes:
 
 
 def _requests(port: int) -> list[str]:
-    ids = []
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        for body in (_chat(True), _chat(False), _chat(True, max_tokens=-1), _chat(False, max_tokens=-1)):
-            conn.request("POST", "/v1/chat/completions", body, HEADERS)
-            resp = conn.getresponse()
-            resp.read()
-            ids.append(resp.headers["x-request-id"])
-    finally:
-        conn.close()
+    bodies = (_chat(True), _chat(False), _chat(True, max_tokens=-1), _chat(False, max_tokens=-1))
+    ids = exchange(port, [("POST", "/v1/chat/completions", body, HEADERS) for body in bodies], timeout=60)
     # A client that leaves after the first event of a long stream: the engine's request is aborted.
-    body = _chat(True, max_tokens=2000, ignore_eos=True)
-    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-    head = f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
-    sock.sendall(head.encode() + body)
-    got = b""
-    while b"data:" not in got:
-        chunk = sock.recv(65536)
-        assert chunk, got
-        got += chunk
-    sock.close()
-    ids += [
-        line.split(b":", 1)[1].strip().decode()
-        for line in got.split(b"\r\n")
-        if line.lower().startswith(b"x-request-id:")
-    ]
-    return ids
+    return [*ids, leave_after_first_event(port, _chat(True, max_tokens=2000, ignore_eos=True), timeout=60)]
 
 
 def test_real_engine_answers_leave_no_reference_cycles(text_stack):
