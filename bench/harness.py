@@ -267,6 +267,18 @@ def checkout(rev: str, tree: Path) -> None:
         subprocess.run([str(REPO / ".venv" / "bin" / "python"), str(build)], check=True)
 
 
+def base_tree(ref: str, tmp: Path, cleanup: list[list[str]]) -> tuple[str, Path]:
+    """`checkout` of `ref` under `tmp`: its short hash and the tree. The command that removes the
+    worktree is added to `cleanup`, to run once the processes started from it have stopped."""
+    rev = subprocess.run(
+        ["git", "rev-parse", "--short", ref], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    tree = tmp / f"tree-{rev}"
+    cleanup.append(["git", "worktree", "remove", "--force", str(tree)])
+    checkout(rev, tree)
+    return rev, tree
+
+
 def uvicorn_argv(module: str, port: int) -> list[str]:
     """A minimal proxy of `bench/proxies/` (`module`), on core 0, served as the proxy serves itself."""
     return [

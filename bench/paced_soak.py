@@ -35,7 +35,7 @@ from harness import (  # noqa: E402
     REPO,
     SSE_REQUEST_BODY,
     Processes,
-    checkout,
+    base_tree,
     log,
     machine,
     machine_line,
@@ -75,11 +75,7 @@ def start(args: argparse.Namespace, procs: Processes, tmp: Path) -> list[Contend
     python = {"PYTHON": str(REPO / ".venv" / "bin" / "python"), "PROXY_WORKERS": "1"}
     trees = [("this-proxy", REPO, PROXY_PORT)]
     if args.base:
-        rev = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout.strip()  # fmt: skip
-        tree = tmp / "base-tree"
-        args.cleanup.append(["git", "worktree", "remove", "--force", str(tree)])
-        checkout(rev, tree)
+        rev, tree = base_tree(args.base, tmp, args.cleanup)
         trees.append((f"this-proxy@{rev}", tree, BASE_PORT))
     out = []
     for name, tree, port in trees:
@@ -130,7 +126,8 @@ def report(contenders: list[Contender], args: argparse.Namespace) -> str:
             "MiB per min", "errors"]  # fmt: skip
     text = [
         f"{args.events + 1}-event streams (one event per write, 1 ms apart), wrk -c{args.streams}, "
-        f"{args.chunk:g} s chunks in turn, {args.minutes:g} min of load each",
+        f"{args.chunk:g} s chunks{' in turns' if len(contenders) > 1 else ''}, {args.minutes:g} min of load"
+        f"{' each' if len(contenders) > 1 else ''}",
         "",
         markdown_table(head, rows, "lrrrrrrr"),
         "",

@@ -62,8 +62,8 @@ from harness import (  # noqa: E402
     SSE_REQUEST_BODY,
     BenchError,
     Processes,
+    base_tree,
     chat_stream_events,
-    checkout,
     cpu_seconds,
     fetch,
     fmt_int,
@@ -179,11 +179,7 @@ def start(args: argparse.Namespace, procs: Processes, tmp: Path) -> list[Contend
         else:
             raise BenchError(f"unknown contender {name!r} (one of {', '.join(CONTENDERS)})")
     if args.base:
-        rev = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout.strip()  # fmt: skip
-        tree = tmp / "base-tree"
-        args.cleanup.append(["git", "worktree", "remove", "--force", str(tree)])
-        checkout(rev, tree)
+        rev, tree = base_tree(args.base, tmp, args.cleanup)
         env = {**this_proxy_env(tmp, "base", BASE_PORT, ENGINE_PORT), **python}
         argv = ["taskset", "-c", PROXY_CORE, str(tree / "scripts" / "start.sh")]
         name = f"this-proxy@{rev}"
