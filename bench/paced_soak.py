@@ -4,8 +4,8 @@
 
 `bench/paced_engine.py` streams as vLLM does (one SSE event per write, 1 ms steps, 201 events a
 stream) on core 1 with wrk (`-c32`); `this-proxy` (this tree) and `this-proxy@REF` run as shipped
-(`scripts/start.sh`, ENGINE=external, one worker, JSON request log, metrics, dashboard history) on
-core 0. They take turns: a chunk of load (`--chunk` seconds) on one, then on the other, until each
+(`scripts/start.sh`, ENGINE=external, one worker unless `--workers`, JSON request log, metrics,
+dashboard history) on core 0. They take turns: a chunk of load (`--chunk` seconds) on one, then on the other, until each
 had `--minutes` of load, and after each chunk the RSS of its process tree is read. Streams that
 come in one read (`proxy_overhead.py`'s soak) miss what long paced streams do to the heap.
 
@@ -72,7 +72,7 @@ def start(args: argparse.Namespace, procs: Processes, tmp: Path) -> list[Contend
     engine_argv = ["taskset", "-c", LOAD_CORE, sys.executable, str(REPO / "bench" / "paced_engine.py"),
                    "--port", str(ENGINE_PORT), "--events", str(args.events), "--interval-ms", "1"]  # fmt: skip
     procs.start("paced-engine", engine_argv, ENGINE_PORT, ready_path="/health")
-    python = {"PYTHON": str(REPO / ".venv" / "bin" / "python"), "PROXY_WORKERS": "1"}
+    python = {"PYTHON": str(REPO / ".venv" / "bin" / "python"), "PROXY_WORKERS": str(args.workers)}
     trees = [("this-proxy", REPO, PROXY_PORT)]
     if args.base:
         rev, tree = base_tree(args.base, tmp, args.cleanup)
@@ -126,6 +126,7 @@ def report(contenders: list[Contender], args: argparse.Namespace) -> str:
             "MiB per min", "errors"]  # fmt: skip
     text = [
         f"{args.events + 1}-event streams (one event per write, 1 ms apart), wrk -c{args.streams}, "
+        f"{args.workers} proxy worker{'s' if args.workers > 1 else ''}, "
         f"{args.chunk:g} s chunks{' in turns' if len(contenders) > 1 else ''}, {args.minutes:g} min of load"
         f"{' each' if len(contenders) > 1 else ''}",
         "",
@@ -155,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=float, default=30.0, help="seconds of load between RSS readings (30)")
     parser.add_argument("--streams", type=int, default=32, help="streams at once: wrk connections (32)")
     parser.add_argument("--events", type=int, default=200, help="data events per stream (200)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="PROXY_WORKERS: RSS is their tree's, summed (1)"
+    )
     args = parser.parse_args(argv)
     args.cleanup = []
     require_tools()
