@@ -143,28 +143,22 @@ def _behind_a_held_slot(stack: Stack, others: Callable[[], list[str]], release_a
         return others() + [gated.result()]
 
 
-def _queued_then_served(stack: Stack) -> list[str]:
-    def others() -> list[str]:
-        with ThreadPoolExecutor(3) as pool:
-            waiting = [
-                pool.submit(_request, stack.queued.port, "POST", "/v1/chat/completions", CHAT)
-                for _ in range(3)
-            ]
-            return [f.result() for f in waiting]
+def _three_queued(release_after: float) -> Callable[[Stack], list[str]]:
+    """Three requests queued behind the held slot, released `release_after` seconds in: served
+    (before QUEUE_TIMEOUT) or refused with 429 (after it)."""
 
-    return _behind_a_held_slot(stack, others, release_after=0.1)
+    def scenario(stack: Stack) -> list[str]:
+        def others() -> list[str]:
+            with ThreadPoolExecutor(3) as pool:
+                port = stack.queued.port
+                waiting = [
+                    pool.submit(_request, port, "POST", "/v1/chat/completions", CHAT) for _ in range(3)
+                ]
+                return [f.result() for f in waiting]
 
+        return _behind_a_held_slot(stack, others, release_after)
 
-def _queue_timeout(stack: Stack) -> list[str]:
-    def others() -> list[str]:
-        with ThreadPoolExecutor(3) as pool:
-            waiting = [
-                pool.submit(_request, stack.queued.port, "POST", "/v1/chat/completions", CHAT)
-                for _ in range(3)
-            ]
-            return [f.result() for f in waiting]
-
-    return _behind_a_held_slot(stack, others, release_after=0.6)  # after QUEUE_TIMEOUT: 429s
+    return scenario
 
 
 def _hang_up_while_queued(stack: Stack) -> list[str]:
@@ -223,8 +217,8 @@ SCENARIOS: dict[str, Callable[[Stack], list[str]]] = {
     "engine-unreachable-502": _engine_unreachable,
     "over-capacity-429": _over_capacity,
     "chunked-upload": _chunked_upload,
-    "queued-then-served": _queued_then_served,
-    "queue-timeout-429": _queue_timeout,
+    "queued-then-served": _three_queued(release_after=0.1),
+    "queue-timeout-429": _three_queued(release_after=0.6),
     "client-hangs-up-while-queued": _hang_up_while_queued,
     "client-too-slow-408": _client_too_slow,
     "no-api-key-401": _each("POST", "/v1/chat/completions", CHAT, Authorization=""),
