@@ -522,7 +522,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._send_guard = None
         if self._writer is not None:
             self._writer.closed = True
-        for cycle in self._open_cycles():
+        open_cycles = self._open_cycles()
+        for cycle in open_cycles:
             if cycle is not self.cycle:  # uvicorn tells only the newest
                 cycle.disconnected = True
                 cycle.message_event.set()
@@ -530,8 +531,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 hook()
         # The hooks are bound to this protocol, which holds the scopes: a reference cycle that
         # would leave every closed connection to the cyclic collector (heap sawtooth; RESULTS.md).
-        for scope in {id(c.scope): c.scope for c in (*self._open_cycles(), self.cycle) if c}.values():
-            scope[ABORT_HOOK] = scope[RELAY_HOOK] = None
+        for cycle in (*open_cycles, self.cycle):
+            if cycle is not None:
+                cycle.scope[ABORT_HOOK] = cycle.scope[RELAY_HOOK] = None
         self._earlier = ()
         super().connection_lost(exc)
 
