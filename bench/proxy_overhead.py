@@ -21,7 +21,10 @@ Set-up (2 cores):
   - `vllm-router`: `vllm-router --worker-urls <nginx> --policy round_robin` (PyPI, Rust), one worker;
   - `this-proxy`: `scripts/start.sh` with `ENGINE=external ENGINE_URL=<nginx>`, `LOG_FORMAT=json`
     (one request line per request, to a file), metrics and the history collector on
-    (`SCRAPE_INTERVAL=10`): the launcher process and everything it runs, exactly as shipped.
+    (`SCRAPE_INTERVAL=10`): the launcher process and everything it runs, exactly as shipped;
+  - three floors, the proxy's own client and nothing else of the proxy: `uvicorn-floor` (an ASGI app
+    under uvicorn), `asgi-floor` (that app under a lean server of the bench's own), `raw-floor`
+    (that server, no ASGI): what a redesign of the request path could reach (bench/README.md).
   Before measuring, each contender must relay the JSON body and the three streams byte for byte.
 
 Figures (and how to read the tables):
@@ -125,10 +128,19 @@ from bench.harness import (  # noqa: E402
 NGINX_PORT, SLOW_PORT, NGINX_PROXY_PORT = 19200, 19201, 19202
 ROUTER_PORT, ROUTER_METRICS_PORT, THIS_PROXY_PORT = 19203, 19204, 19205
 FLOOR_PORT = 19209
+RAW_FLOOR_PORT, ASGI_FLOOR_PORT = 19213, 19214
 E2E_ENGINE_PORT, E2E_PROXY_PORT, E2E_NGINX_PORT = 19206, 19207, 19208
 E2E_VIAS = ("direct", "nginx-proxy", "this-proxy")
 
-CONTENDERS = ("direct", "nginx-proxy", "vllm-router", "this-proxy", "uvicorn-floor")
+CONTENDERS = (
+    "direct",
+    "nginx-proxy",
+    "vllm-router",
+    "this-proxy",
+    "uvicorn-floor",
+    "asgi-floor",
+    "raw-floor",
+)
 BASELINE = "vllm-router"
 KINDS = ("json", "sse")
 PATH = "/v1/chat/completions"
@@ -254,6 +266,12 @@ def start_contenders(names: list[str], procs: Processes, tmp: Path, router: Path
             env = {"BENCH_UPSTREAM": f"http://{HOST}:{NGINX_PORT}"}
             proc = procs.start(name, uvicorn_argv("own", FLOOR_PORT), FLOOR_PORT, env)
             contenders.append(Contender(name, FLOOR_PORT, proc))
+        elif name in ("asgi-floor", "raw-floor"):  # the same client under a server of its own
+            env = {"BENCH_UPSTREAM": f"http://{HOST}:{NGINX_PORT}"}
+            port, extra = (ASGI_FLOOR_PORT, ["--asgi"]) if name == "asgi-floor" else (RAW_FLOOR_PORT, [])
+            argv = ["taskset", "-c", PROXY_CORE, sys.executable, "-m", "bench.proxies.raw",
+                    "--port", str(port), *extra]  # fmt: skip
+            contenders.append(Contender(name, port, procs.start(name, argv, port, env)))
     for contender in contenders:
         contender.rss_start = rss_bytes(contender.pids())
     return contenders
