@@ -16,12 +16,8 @@ Uses ports 19210-19212.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,15 +29,14 @@ from harness import (  # noqa: E402
     REPO,
     REQUEST_BODY,
     SSE_REQUEST_BODY,
-    Processes,
-    checkout,
+    base_tree,
     cpu_seconds,
     log,
     nginx_argv,
     process_tree,
-    require_tools,
     run_main,
     run_wrk,
+    session,
     upstream_nginx_config,
     wrk_script,
 )
@@ -68,17 +63,8 @@ def per_round(series: dict[str, list[float]]) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    require_tools()
-    os.sched_setaffinity(0, {int(LOAD_CORE)})
-    rev = subprocess.run(
-        ["git", "rev-parse", "--short", args.base], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    with contextlib.ExitStack() as stack:
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ab-")))
-        tree = tmp / "a-tree"
-        stack.callback(subprocess.run, ["git", "worktree", "remove", "--force", str(tree)], cwd=REPO)
-        checkout(rev, tree)
-        procs = stack.enter_context(Processes(tmp))
+    with session("bench-ab-") as (tmp, procs, cleanup):
+        rev, tree = base_tree(args.base, tmp, cleanup)
         conf = upstream_nginx_config(tmp, UPSTREAM_PORT, SLOW_PORT, LONG_BODY)
         procs.start("upstream", nginx_argv(conf, LOAD_CORE), UPSTREAM_PORT, ready_path="/health")
         python = {"PYTHON": str(REPO / ".venv" / "bin" / "python")}

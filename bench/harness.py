@@ -20,8 +20,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -744,6 +745,21 @@ def require_tools() -> None:
         )
     if not {0, 1} <= os.sched_getaffinity(0):
         raise BenchError("needs CPUs 0 and 1: the contender gets core 0, nginx and wrk core 1")
+
+
+@contextlib.contextmanager
+def session(prefix: str) -> Iterator[tuple[Path, Processes, list[list[str]]]]:
+    """What a network benchmark's run stands on: the tools checked, this process (a client too) off
+    the contenders' core, a temp dir, the processes it starts (`Processes`: stopped on exit, error
+    and Ctrl-C) and a list of commands to run once they have stopped (`base_tree`'s worktrees).
+    Yields (tmp, procs, cleanup)."""
+    require_tools()
+    os.sched_setaffinity(0, {int(LOAD_CORE)})
+    cleanup: list[list[str]] = []
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+        stack.callback(lambda: [subprocess.run(c, cwd=REPO, check=False) for c in cleanup])
+        yield tmp, stack.enter_context(Processes(tmp)), cleanup
 
 
 # --- formatting ---------------------------------------------------------------------------------

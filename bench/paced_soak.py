@@ -18,12 +18,9 @@ Writes bench/results/paced_soak.json and .md. Ports 19250-19252.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,10 +38,10 @@ from harness import (  # noqa: E402
     machine_line,
     markdown_table,
     process_tree,
-    require_tools,
     rss_bytes,
     run_main,
     run_wrk,
+    session,
     wrk_script,
 )
 from proxy_overhead import this_proxy_env  # noqa: E402
@@ -160,14 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=1, help="PROXY_WORKERS: RSS is their tree's, summed (1)"
     )
     args = parser.parse_args(argv)
-    args.cleanup = []
-    require_tools()
-    os.sched_setaffinity(0, {int(LOAD_CORE)})
     chunks = max(2, round(args.minutes * 60 / args.chunk))
-    with contextlib.ExitStack() as stack:
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-soak-")))
-        stack.callback(lambda: [subprocess.run(c, cwd=REPO, check=False) for c in args.cleanup])
-        procs = stack.enter_context(Processes(tmp))
+    with session("bench-soak-") as (tmp, procs, args.cleanup):
         contenders = start(args, procs, tmp)
         script = wrk_script(tmp, "stream", SSE_REQUEST_BODY)
         info = machine(("uvicorn", "uvloop", "httptools"))

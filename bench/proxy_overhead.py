@@ -79,7 +79,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,10 +113,10 @@ from bench.harness import (  # noqa: E402
     nginx_argv,
     process_tree,
     proxy_nginx_config,
-    require_tools,
     rss_bytes,
     run_main,
     run_wrk,
+    session,
     slow_upstream_argv,
     upstream_nginx_config,
     uvicorn_argv,
@@ -933,20 +932,15 @@ def write_outputs(payload: dict, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    require_tools()
-    wants_router = "vllm-router" in args.contenders and not args.e2e_only
-    router = router_executable(args.vllm_router) if wants_router else None
-    os.sched_setaffinity(0, {int(LOAD_CORE)})  # this process is a client too: off the contenders' core
-    info = machine(VERSIONED_PACKAGES, {"vllm-router": router_version(router)} if router else {})
-    started = dt.datetime.now(dt.UTC)
-    log(f"machine: {machine_line(info)}")
-    if info["load_average"][0] > 0.5:
-        log(f"warning: load average {info['load_average'][0]:.2f}: something else is using the CPUs")
-
     results, request_log, e2e = {}, {}, None
-    with contextlib.ExitStack() as stack:
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-overhead-")))
-        procs = stack.enter_context(Processes(tmp))
+    with session("bench-overhead-") as (tmp, procs, _):
+        wants_router = "vllm-router" in args.contenders and not args.e2e_only
+        router = router_executable(args.vllm_router) if wants_router else None
+        info = machine(VERSIONED_PACKAGES, {"vllm-router": router_version(router)} if router else {})
+        started = dt.datetime.now(dt.UTC)
+        log(f"machine: {machine_line(info)}")
+        if info["load_average"][0] > 0.5:
+            log(f"warning: load average {info['load_average'][0]:.2f}: something else is using the CPUs")
         if not args.e2e_only:
             results, request_log = measure_fast_upstream(procs, tmp, router, args)
         if not args.skip_e2e:

@@ -41,13 +41,10 @@ token_relay.json and .md. Ports 19230-19240.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,9 +71,9 @@ from harness import (  # noqa: E402
     nginx_argv,
     process_tree,
     proxy_nginx_config,
-    require_tools,
     run_main,
     run_wrk,
+    session,
     wrk_script,
 )
 from proxy_overhead import router_executable, router_version, this_proxy_env  # noqa: E402
@@ -257,15 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vllm-router", help="vllm-router executable (default: /tmp/bench-vr's)")
     args = parser.parse_args(argv)
     args.events_total = args.events + 1  # [DONE]
-    args.cleanup = []
     args.router_version = None
-    require_tools()
-    os.sched_setaffinity(0, {int(LOAD_CORE)})
     expected = b"".join(chat_stream_events(args.events))
-    with contextlib.ExitStack() as stack:
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-tokens-")))
-        stack.callback(lambda: [subprocess.run(c, cwd=REPO, check=False) for c in args.cleanup])
-        procs = stack.enter_context(Processes(tmp))
+    with session("bench-tokens-") as (tmp, procs, args.cleanup):
         contenders = start(args, procs, tmp)
         script = wrk_script(tmp, "stream", SSE_REQUEST_BODY)
         info = machine(("uvicorn", "uvloop", "httptools"), {"vllm-router": args.router_version or "—"})
