@@ -23,7 +23,7 @@ from app.keys import ANONYMOUS, KeyRing, load_entries, parse_key_file, plain_nam
 from app.security import load_keys
 from app.settings import load_settings
 from fake_engine import FakeEngine
-from stack import ROOT, free_port
+from stack import ROOT, free_port, wait_for
 
 YAML = """\
 # team keys
@@ -204,17 +204,15 @@ def test_sighup_reloads_the_keys_while_requests_are_in_flight(tmp_path):
             tmp_path / "launcher.log",
         )
         try:
-            deadline = time.monotonic() + 60
-            while True:
+
+            def healthy() -> bool:
+                assert proc.poll() is None, (tmp_path / "launcher.log").read_text()
                 try:
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
+                    return httpx.get(url + "/health", timeout=2).status_code == 200
                 except httpx.HTTPError:
-                    pass
-                assert proc.poll() is None and time.monotonic() < deadline, (
-                    tmp_path / "launcher.log"
-                ).read_text()
-                time.sleep(0.1)
+                    return False
+
+            wait_for(healthy, 60, lambda: (tmp_path / "launcher.log").read_text(), interval=0.1)
             results: list[int] = []
 
             def held() -> None:
@@ -229,16 +227,13 @@ def test_sighup_reloads_the_keys_while_requests_are_in_flight(tmp_path):
             threads = [threading.Thread(target=held) for _ in range(3)]
             for t in threads:
                 t.start()
-            deadline = time.monotonic() + 10
-            while fake.held < 3 and time.monotonic() < deadline:
-                time.sleep(0.02)
+            wait_for(lambda: fake.held >= 3, 10, "3 requests held by the engine")
             assert fake.held == 3
             keys.write_text("- name: new\n  key: sk-new\n")
             os.kill(proc.pid, signal.SIGHUP)
-            deadline = time.monotonic() + 10
-            while b"API keys reloaded" not in (tmp_path / "launcher.log").read_bytes():
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            wait_for(
+                lambda: b"API keys reloaded" in (tmp_path / "launcher.log").read_bytes(), 10, "the reload"
+            )
             new = httpx.post(
                 url + "/v1/chat/completions", json={"model": "m"}, headers={"authorization": "Bearer sk-new"}
             )

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from scripts import fleet as fleet_runner
 from scripts.fleet import Fleet
-from stack import CPU_ENV, ROOT, free_port, read_records
+from stack import CPU_ENV, ROOT, free_port, read_records, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -184,13 +184,13 @@ def test_the_openai_user_field_is_not_a_session_key_for_this_router(fleet):
             fleet.url + "/v1/completions", json={"model": MODEL, "max_tokens": 2, **body}, timeout=60
         )
         assert r.status_code == 200
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            grew = [i for i, rep in enumerate(fleet.members) if len(request_lines(rep)) > before[i]]
-            if grew:
-                return grew[0]
-            time.sleep(0.05)
-        raise AssertionError("no replica logged the request")
+        grew = wait_for(
+            lambda: [i for i, rep in enumerate(fleet.members) if len(request_lines(rep)) > before[i]],
+            10,
+            "no replica logged the request",
+            0.05,
+        )
+        return grew[0]
 
     with_user = {place({"prompt": f"question {n}", "user": "alice"}) for n in range(16)}
     assert with_user == {0, 1}
@@ -350,10 +350,11 @@ class Traffic:
             time.sleep(0.05)
 
     def wait_for(self, predicate, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate(list(self.results)):
-            assert time.monotonic() < deadline and self._thread.is_alive(), self.results[-5:]
-            time.sleep(0.1)
+        def met() -> bool:
+            assert self._thread.is_alive(), self.results[-5:]
+            return predicate(list(self.results))
+
+        wait_for(met, timeout, lambda: str(self.results[-5:]), 0.1)
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
@@ -386,10 +387,12 @@ def stream_lines(fleet: Fleet, key: str, out: dict, max_tokens: int) -> threadin
     out["id"] = uuid.uuid4().hex
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 60
-    while len(out.get("lines", [])) < 3:
-        assert time.monotonic() < deadline and thread.is_alive(), out
-        time.sleep(0.02)
+
+    def streaming() -> bool:
+        assert thread.is_alive(), out
+        return len(out.get("lines", [])) >= 3
+
+    wait_for(streaming, 60, lambda: str(out), 0.02)
     return thread
 
 

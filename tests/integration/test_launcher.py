@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from stack import ROOT, Stack, free_port
+from stack import ROOT, Stack, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -144,10 +144,7 @@ def _long_stream(stack: Stack, out: dict, max_tokens: int = 2500) -> threading.T
 
     thread = threading.Thread(target=run)
     thread.start()
-    deadline = time.monotonic() + 30
-    while "first" not in out and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert "first" in out, out
+    wait_for(lambda: "first" in out, 30, lambda: str(out))
     return thread
 
 
@@ -225,10 +222,9 @@ def test_engine_dying_ends_streams_cleanly_and_the_launcher_exits_1(stack_logs, 
 
 def test_sigterm_while_the_engine_loads_stops_at_once_with_exit_0(stack_logs, tiny_models):
     stack = Stack(stack_logs, "sigterm-loading", MODEL_NAME=str(tiny_models["text"])).start(wait=False)
-    deadline = time.monotonic() + 30
-    while not any(r.get("event") == "engine started" for r in stack.records()):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for(
+        lambda: any(r.get("event") == "engine started" for r in stack.records()), 30, "engine started", 0.05
+    )
     stack.signal(signal.SIGTERM)
     assert stack.wait_exit(30) == 0
     pid = next(r["pid"] for r in stack.records() if r.get("event") == "engine started")

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from stack import Stack
+from stack import Stack, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -124,10 +124,12 @@ def test_a_hang_up_through_a_worker_aborts_the_generation(workers_stack, text_st
         lines = r.iter_lines()
         next(lines)
         next(lines)
-    deadline = time.monotonic() + 10
-    while text_stack.engine_metric("vllm:num_requests_running") != 0:
-        assert time.monotonic() < deadline, "the engine kept generating after the client hung up"
-        time.sleep(0.1)
+    wait_for(
+        lambda: text_stack.engine_metric("vllm:num_requests_running") == 0,
+        10,
+        "the engine kept generating after the client hung up",
+        0.1,
+    )
     assert text_stack.engine_metric("vllm:generation_tokens_total") - generated < 2000
     assert workers_stack.request_log(request_id)["status"] == 499
 
@@ -140,10 +142,12 @@ def test_a_killed_worker_is_restarted_and_the_counts_go_on(workers_stack):
     pids = worker_pids(workers_stack)
     assert len(pids) == 2
     os.kill(pids[1], signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while len(now := worker_pids(workers_stack)) < 2 or pids[1] in now:
-        assert time.monotonic() < deadline, workers_stack.tail(20)
-        time.sleep(0.1)
+    wait_for(
+        lambda: len(now := worker_pids(workers_stack)) == 2 and pids[1] not in now,
+        30,
+        lambda: workers_stack.tail(20),
+        0.1,
+    )
     died = [r for r in workers_stack.records() if r.get("event") == "a proxy worker died: restarting it"]
     assert died and died[-1]["pid"] == pids[1] and died[-1]["level"] == "error"
     ids = [rid("after-kill") for _ in range(8)]
@@ -182,10 +186,7 @@ def test_sigterm_drains_the_streams_of_every_worker_and_exits_0(workers_stack):
         got: dict = {"lines": []}
         threads.append(threading.Thread(target=run, args=(got,)))
         threads[-1].start()
-        deadline = time.monotonic() + 30
-        while not got["lines"] and "exc" not in got:
-            assert time.monotonic() < deadline, got
-            time.sleep(0.02)
+        wait_for(lambda got=got: got["lines"] or "exc" in got, 30, lambda got=got: str(got), 0.02)
         streams.append(got)
     health = [httpx.get(workers_stack.url + "/health", timeout=10).json() for _ in range(4)]
     live = [httpx.get(workers_stack.url + "/api/v1/live_metrics", timeout=10).json() for _ in range(4)]
@@ -251,10 +252,7 @@ def test_sighup_reloads_the_api_keys_of_every_worker(stack_logs, text_stack, tmp
         time.sleep(2.5)  # the watcher's look (1 s) and settle time have passed
         assert statuses(new) == {401} and key_reloads(stack) == 0
         stack.signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while key_reloads(stack) < 2:
-            assert time.monotonic() < deadline, stack.tail(20)
-            time.sleep(0.1)
+        wait_for(lambda: key_reloads(stack) >= 2, 10, lambda: stack.tail(20), 0.1)
         assert statuses(new) == {200} and statuses(old) == {401}
         assert key_reloads(stack) == 2 and len(worker_pids(stack)) == 2  # nobody died of the signal
     finally:

@@ -5,7 +5,6 @@ lines do on real vLLM is tests/integration/test_batch_api.py."""
 from __future__ import annotations
 
 import io
-import time
 
 import openai
 import orjson
@@ -14,6 +13,7 @@ from openai import OpenAI
 
 from app.runtime import Runtime
 from inproc import InProcessProxy
+from stack import wait_for
 
 LINE = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m"}}
 
@@ -76,10 +76,8 @@ def test_batches_create_retrieve_list_cancel(client):
     b = batches[0]
     assert b.object == "batch" and b.status == "validating" and b.metadata == {"run": "0"}
     assert b.expires_at == b.created_at + 24 * 3600 and b.request_counts.total == 0
-    deadline = time.monotonic() + 10
-    while client.batches.retrieve(b.id).status != "in_progress":  # lines wait for the engine
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    # its lines wait for the engine
+    wait_for(lambda: client.batches.retrieve(b.id).status == "in_progress", 10, "in progress", 0.05)
     assert client.batches.retrieve(b.id).request_counts.total == 1
     page = client.batches.list(limit=2)
     assert [x.id for x in page.data] == [batches[2].id, batches[1].id] and page.has_more
@@ -88,10 +86,7 @@ def test_batches_create_retrieve_list_cancel(client):
         client.files.delete(file.id)
     for x in batches:
         assert client.batches.cancel(x.id).status in ("cancelling", "cancelled")
-    deadline = time.monotonic() + 10
-    while any(client.batches.retrieve(x.id).status != "cancelled" for x in batches):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for(lambda: all(client.batches.retrieve(x.id).status == "cancelled" for x in batches), 10, "", 0.05)
     done = client.batches.retrieve(b.id)
     assert done.cancelled_at and done.output_file_id is None and done.request_counts.completed == 0
     assert client.batches.cancel(b.id).status == "cancelled"  # cancelling again changes nothing

@@ -10,7 +10,6 @@ tell a charged tpm bucket from an uncharged one; batches on real vLLM: tests/int
 from __future__ import annotations
 
 import io
-import time
 
 import httpx
 import openai
@@ -23,6 +22,7 @@ from app import metrics
 from app.runtime import Phase, Runtime
 from fake_engine import FakeEngine
 from inproc import InProcessProxy
+from stack import wait_for
 
 LINE = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m"}}
 KEYS = """\
@@ -154,10 +154,12 @@ def test_batch_lines_count_under_the_key_that_made_the_batch_but_not_against_its
         batch = alice.batches.create(
             input_file_id=upload(alice, *lines), endpoint="/v1/chat/completions", completion_window="24h"
         )
-        deadline = time.monotonic() + 30
-        while (batch := alice.batches.retrieve(batch.id)).status != "completed":
-            assert time.monotonic() < deadline, batch.status
-            time.sleep(0.05)
+        batch = wait_for(
+            lambda: (b := alice.batches.retrieve(batch.id)).status == "completed" and b,
+            30,
+            "batch completed",
+            0.05,
+        )
         assert batch.request_counts.completed == 3
         outputs = [orjson.loads(x) for x in alice.files.content(batch.output_file_id).content.splitlines()]
         for out in outputs:
@@ -175,11 +177,12 @@ def run_batch(client: OpenAI, lines: list[dict]):
     batch = client.batches.create(
         input_file_id=upload(client, *lines), endpoint="/v1/chat/completions", completion_window="24h"
     )
-    deadline = time.monotonic() + 30
-    while (batch := client.batches.retrieve(batch.id)).status != "completed":
-        assert time.monotonic() < deadline, batch.status
-        time.sleep(0.05)
-    return batch
+    return wait_for(
+        lambda: (b := client.batches.retrieve(batch.id)).status == "completed" and b,
+        30,
+        "batch completed",
+        0.05,
+    )
 
 
 def errors_of(client: OpenAI, batch) -> list[dict]:
@@ -224,18 +227,14 @@ def test_a_revoked_keys_batch_lines_are_refused(tmp_path, keys_file):
         for reload in runtime.reloaders:  # what SIGHUP does
             reload()
         runtime.set_phase(Phase.READY)
-        deadline = time.monotonic() + 30
-        while (
-            len(
-                lines := [
-                    r
-                    for r in p.logs.records()
-                    if r.get("event") == "request" and r.get("batch_id") == batch.id
-                ]
-            )
-            < 2
-        ):
-            assert time.monotonic() < deadline, lines
-            time.sleep(0.05)
+
+        def batch_lines() -> list[dict]:
+            return [
+                r for r in p.logs.records() if r.get("event") == "request" and r.get("batch_id") == batch.id
+            ]
+
+        lines = wait_for(
+            lambda: len(found := batch_lines()) >= 2 and found, 30, "two lines of the batch", 0.05
+        )
         assert {(r["key"], r["status"], r["error"]) for r in lines} == {("bob", 401, "batch key revoked")}
         assert not [s for s in fake.seen if s.path == "/v1/chat/completions"]  # none reached the engine

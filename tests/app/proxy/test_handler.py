@@ -11,7 +11,7 @@ import pytest
 from app.runtime import Phase, Runtime
 from fake_engine import SSE_EVENT, FakeEngine
 from inproc import InProcessProxy
-from stack import free_port
+from stack import free_port, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -204,9 +204,7 @@ def test_client_hanging_up_mid_stream_closes_the_upstream_stream(server, fake, r
     ) as r:
         for _ in r.iter_bytes():
             break
-    deadline = time.monotonic() + 5
-    while fake.closed_early == before and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: fake.closed_early != before, 5, "the engine's connection closed early")
     assert fake.closed_early == before + 1
     assert proxy.logs.request(f"hangup-{server}")["status"] == 499
 
@@ -485,8 +483,6 @@ def test_client_hanging_up_before_the_answer_starts_drops_the_upstream_request(f
                 headers={"x-fake": "hang", "x-request-id": "early-hangup"},
                 timeout=httpx.Timeout(5, read=0.5),
             )
-        deadline = time.monotonic() + 5
-        while fake.closed_early == before and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(lambda: fake.closed_early != before, 5, "the engine's connection closed early")
         assert fake.closed_early == before + 1
         assert p.logs.request("early-hangup")["status"] == 499
