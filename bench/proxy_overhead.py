@@ -127,7 +127,7 @@ from bench.harness import (  # noqa: E402
 NGINX_PORT, SLOW_PORT, NGINX_PROXY_PORT = 19200, 19201, 19202
 ROUTER_PORT, ROUTER_METRICS_PORT, THIS_PROXY_PORT = 19203, 19204, 19205
 FLOOR_PORT = 19209
-RAW_FLOOR_PORT, ASGI_FLOOR_PORT = 19213, 19214
+RAW_FLOOR_PORT, ASGI_FLOOR_PORT, LEAN_PROXY_PORT = 19213, 19214, 19215
 E2E_ENGINE_PORT, E2E_PROXY_PORT, E2E_NGINX_PORT = 19206, 19207, 19208
 E2E_VIAS = ("direct", "nginx-proxy", "this-proxy")
 
@@ -139,6 +139,7 @@ CONTENDERS = (
     "uvicorn-floor",
     "asgi-floor",
     "raw-floor",
+    "this-app-lean",
 )
 BASELINE = "vllm-router"
 KINDS = ("json", "sse")
@@ -271,6 +272,12 @@ def start_contenders(names: list[str], procs: Processes, tmp: Path, router: Path
             argv = ["taskset", "-c", PROXY_CORE, sys.executable, "-m", "bench.proxies.raw",
                     "--port", str(port), *extra]  # fmt: skip
             contenders.append(Contender(name, port, procs.start(name, argv, port, env)))
+        elif name == "this-app-lean":  # the proxy's app, configured as this-proxy, under that server
+            env = this_proxy_env(tmp, name, LEAN_PROXY_PORT, NGINX_PORT)
+            argv = ["taskset", "-c", PROXY_CORE, sys.executable, "-m", "bench.proxies.raw",
+                    "--port", str(LEAN_PROXY_PORT), "--proxy-app"]  # fmt: skip
+            proc = procs.start(name, argv, LEAN_PROXY_PORT, env, ready_path="/health", timeout=60)
+            contenders.append(Contender(name, LEAN_PROXY_PORT, proc))
     for contender in contenders:
         contender.rss_start = rss_bytes(contender.pids())
     return contenders

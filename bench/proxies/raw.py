@@ -31,10 +31,11 @@ _REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 502: b"Bad Gatew
 
 client: Upstream | None = None
 asgi = False
+asgi_app = own.app
 
 
 class Server(asyncio.Protocol):
-    __slots__ = ("_transport", "_parser", "_url", "_headers", "_body")
+    __slots__ = ("_transport", "_parser", "_url", "_headers", "_body", "_scope")
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self._transport = transport
@@ -42,6 +43,12 @@ class Server(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
+        self._scope: dict | None = None  # the request being answered (`--asgi`)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if (scope := self._scope) is not None and (hook := scope.get("app.hangup_hook")) is not None:
+            hook()
+        self._scope = None
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -83,9 +90,12 @@ class Server(asyncio.Protocol):
             "raw_path": path.encode("latin-1"),
             "query_string": query.encode("latin-1"),
             "headers": headers,
+            "app.hangup_hook": None,  # as app/server.py offers it: no timer per request to watch
         }
+        self._scope = scope
         write = self._transport.write
         head: list[bytes] = []
+        chunked = [True]  # False once the app gives a content-length: the body goes as it is
 
         async def receive() -> dict:
             return {"type": "http.request", "body": body, "more_body": False}
@@ -95,20 +105,25 @@ class Server(asyncio.Protocol):
                 status = message["status"]
                 head.append(b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"OK")))
                 for name, value in message["headers"]:
+                    if name.lower() == b"content-length":
+                        chunked[0] = False
                     head.extend((name, b": ", value, b"\r\n"))
-                head.append(b"transfer-encoding: chunked\r\n\r\n")
+                head.append(b"transfer-encoding: chunked\r\n\r\n" if chunked[0] else b"\r\n")
                 return
             chunk = message.get("body", b"")
-            out = b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunk else b""
-            if not message.get("more_body", False):
-                out += b"0\r\n\r\n"
+            if not chunked[0]:
+                out = chunk
+            else:
+                out = b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunk else b""
+                if not message.get("more_body", False):
+                    out += b"0\r\n\r\n"
             if head:
                 out = b"".join(head) + out
                 head.clear()
             if out:
                 write(out)
 
-        await own.app(scope, receive, send)
+        await asgi_app(scope, receive, send)
         if not keep_alive:
             self._transport.close()
 
@@ -144,11 +159,42 @@ class Server(asyncio.Protocol):
             self._transport.close()
 
 
-async def main(port: int) -> None:
-    global client
-    client = Upstream(UPSTREAM, connect_timeout=5, first_byte_timeout=60, idle_timeout=60)
-    await client.open()
-    own.client = client
+_lifespan: list[asyncio.Task] = []  # held: a task nobody holds is collected, pending
+
+
+async def lifespan_startup(app) -> None:
+    """The app's ASGI lifespan, started (and left running: the process ends with the bench)."""
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue = asyncio.Queue()
+    started = loop.create_future()
+    await inbox.put({"type": "lifespan.startup"})
+
+    async def send(message: dict) -> None:
+        if message["type"].startswith("lifespan.startup"):
+            started.set_result(message)
+
+    _lifespan.append(
+        loop.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, send))
+    )
+    message = await started
+    assert message["type"] == "lifespan.startup.complete", message
+
+
+async def main(port: int, proxy_app: bool) -> None:
+    global client, asgi_app
+    if proxy_app:  # the proxy's own app, configured from the environment as the launcher does
+        from app.logs import configure_from
+        from app.main import create_app
+        from app.settings import Settings
+
+        settings = Settings()
+        configure_from(settings)
+        asgi_app = create_app(settings)
+        await lifespan_startup(asgi_app)
+    else:
+        client = Upstream(UPSTREAM, connect_timeout=5, first_byte_timeout=60, idle_timeout=60)
+        await client.open()
+        own.client = client
     server = await asyncio.get_running_loop().create_server(Server, "127.0.0.1", port, backlog=2048)
     async with server:
         await server.serve_forever()
@@ -158,6 +204,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--asgi", action="store_true", help="serve own.py's ASGI app")
+    parser.add_argument("--proxy-app", action="store_true", help="serve the proxy's app (app.main)")
     args = parser.parse_args()
-    asgi = args.asgi
-    uvloop.run(main(args.port))
+    asgi = args.asgi or args.proxy_app
+    uvloop.run(main(args.port, args.proxy_app))
