@@ -131,16 +131,9 @@ RAW_FLOOR_PORT, ASGI_FLOOR_PORT, LEAN_PROXY_PORT = 19213, 19214, 19215
 E2E_ENGINE_PORT, E2E_PROXY_PORT, E2E_NGINX_PORT = 19206, 19207, 19208
 E2E_VIAS = ("direct", "nginx-proxy", "this-proxy")
 
-CONTENDERS = (
-    "direct",
-    "nginx-proxy",
-    "vllm-router",
-    "this-proxy",
-    "uvicorn-floor",
-    "asgi-floor",
-    "raw-floor",
-    "this-app-lean",
-)
+CONTENDERS = ("direct", "nginx-proxy", "vllm-router", "this-proxy", "uvicorn-floor")
+DIAGNOSTIC = ("asgi-floor", "raw-floor", "this-app-lean")
+"""Run only when named in --only: they bound a redesign (bench/README.md), not what users compare."""
 BASELINE = "vllm-router"
 KINDS = ("json", "sse")
 PATH = "/v1/chat/completions"
@@ -835,7 +828,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="c=32 only, 3 s runs, no soak, no e2e")
     parser.add_argument("--duration", type=float, help="seconds per wrk run (5; --quick: 3)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per body kind (1)")
-    parser.add_argument("--only", help=f"comma-separated contenders besides direct: {','.join(choices)}")
+    parser.add_argument(
+        "--only", help=f"comma-separated contenders besides direct: {','.join((*choices, *DIAGNOSTIC))}"
+    )
     parser.add_argument("--skip-e2e", action="store_true", help="no end-to-end run against vLLM")
     parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end run against vLLM")
     parser.add_argument("--concurrency", help="comma-separated wrk connections (1,32,256; --quick: 32)")
@@ -885,8 +880,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.contenders = choices
     if args.only:
         args.contenders = [n.strip() for n in args.only.split(",") if n.strip()]
-        if unknown := sorted(set(args.contenders) - set(choices)):
-            parser.error(f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(choices)}")
+        if unknown := sorted(set(args.contenders) - set(choices) - set(DIAGNOSTIC)):
+            named = ", ".join((*choices, *DIAGNOSTIC))
+            parser.error(f"unknown contender(s) {', '.join(unknown)}; choose from {named}")
     if args.e2e_only and args.skip_e2e:
         parser.error("--e2e-only with --skip-e2e (or --quick) leaves nothing to run")
     if args.publish and (args.quick or args.skip_e2e or args.e2e_only or args.only):
