@@ -76,6 +76,7 @@ class _Connection(RelayBase, asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
+        self.out = False  # handed out by the pool for a request, and not back or dropped yet
         # Made once connected (it holds this protocol's callbacks: a cycle, broken in
         # connection_lost; a connection that fails to connect never gets one).
         self._parser: httptools.HttpResponseParser | None = None
@@ -534,7 +535,7 @@ class UpstreamResponse:
         """Drop the connection (the engine sees the disconnect and aborts the request)."""
         if not self._released:
             self._released = True
-            self._conn.abort()
+            self._pool._drop(self._conn)
 
     def release(self) -> None:
         """Return a fully read connection to the pool (or drop it if it cannot be reused)."""
@@ -553,6 +554,7 @@ class Upstream:
         idle_timeout: float,
         keepalive: float = 4.0,
         max_idle: int = 100,
+        demand_window: float = 1.0,
     ) -> None:
         parts = urlsplit(base_url.rstrip("/"))
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -568,9 +570,16 @@ class Upstream:
         self._first_byte_timeout = first_byte_timeout
         self._idle_timeout = idle_timeout
         # Idle connections are dropped before the engine's own keep-alive (uvicorn: 5 s) ends them,
-        # and beyond `max_idle` (after a burst): the longest idle go first.
+        # and beyond `max_idle` once a burst is over: the longest idle go first. Under load the pool
+        # keeps as many as were out at once in the last one to two `demand_window`s: closing those
+        # only to open them again a moment later (many answers end in one loop iteration, before
+        # the requests that will reuse them arrive) cost a connection per request past `max_idle`.
         self._keepalive = keepalive
         self._max_idle = max_idle
+        self._demand_window = demand_window
+        self._out = 0  # connections out for a request
+        self._peak = self._peak_before = 0  # the most out at once: this window, the one before
+        self._window_end = 0.0
         self._idle: collections.deque[_Connection] = collections.deque()  # oldest on the left
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -612,7 +621,37 @@ class Upstream:
             conn.abort()
         return None
 
+    def _hand_out(self, conn: _Connection) -> _Connection:
+        conn.out = True
+        self._out += 1
+        if self._out > self._peak:  # a new peak (rare under steady load): is it this window's?
+            self._rotate(time.monotonic())
+            self._peak = max(self._peak, self._out)
+        return conn
+
+    def _back(self, conn: _Connection) -> None:
+        if conn.out:
+            conn.out = False
+            self._out -= 1
+
+    def _drop(self, conn: _Connection) -> None:
+        self._back(conn)
+        conn.abort()
+
+    def _rotate(self, now: float) -> None:
+        if now >= self._window_end:  # a new window; the one before it ended just now, or long ago
+            stale = now >= self._window_end + self._demand_window
+            self._peak_before = 0 if stale else self._peak
+            self._peak = self._out
+            self._window_end = now + self._demand_window
+
+    def _demand(self, now: float) -> int:
+        """The most connections out at once in this demand window and the one before it."""
+        self._rotate(now)
+        return max(self._peak, self._peak_before)
+
     def _put(self, conn: _Connection) -> None:
+        self._back(conn)
         # An idle connection holds nothing of the request it served (its relay sink holds the
         # client's connection and the request's objects): freed now, not when it is next used.
         conn._sink = conn._passthrough = None
@@ -623,7 +662,9 @@ class Upstream:
         idle = self._idle
         idle.append(conn)
         if len(idle) > self._max_idle:
-            idle.popleft().abort()
+            keep = max(self._max_idle, self._demand(now))
+            while len(idle) > keep:
+                idle.popleft().abort()
         while now - idle[0].idle_since >= self._keepalive:  # expired: closed, not kept
             idle.popleft().abort()
 
@@ -672,23 +713,24 @@ class Upstream:
                 reused = conn is not None
                 if conn is None:
                     conn = await self._connect()
+                self._hand_out(conn)
                 head_future = conn.begin()
                 try:
                     await conn.write(message, read_timeout)
                     status = await self._await_head(conn, head_future, head_timeout)
                 except UpstreamError as exc:
-                    conn.abort()
+                    self._drop(conn)
                     if reused and exc.kind == "protocol" and not conn.started:
                         continue
                     raise
                 except BaseException:  # cancelled (the client hung up): the engine must see it too
-                    conn.abort()
+                    self._drop(conn)
                     raise
                 return self._response(conn, status, method, read_timeout)
             raise AssertionError("unreachable")
         # A streamed body is read from the client as it goes out and cannot be sent twice: it never
         # goes on a pooled connection the engine may have closed a moment ago.
-        conn = await self._connect()
+        conn = self._hand_out(await self._connect())
         head_future = conn.begin()
         try:
             framing = (
@@ -706,7 +748,7 @@ class Upstream:
                         await conn.write(b"0\r\n\r\n", read_timeout)
             status = await self._await_head(conn, head_future, head_timeout)
         except BaseException:
-            conn.abort()
+            self._drop(conn)
             raise
         return self._response(conn, status, method, read_timeout)
 

@@ -492,7 +492,7 @@ def test_a_streamed_body_is_never_sent_on_a_pooled_connection_that_may_be_stale(
     run(main())
 
 
-def test_the_pool_keeps_at_most_max_idle_connections(run):
+def test_after_a_burst_the_pool_keeps_at_most_max_idle_connections(run):
     async def slow(conn: RawConn) -> None:
         while (request := await conn.read_request()) is not None:
             await asyncio.sleep(0.1 if request.target == "/slow" else 0)
@@ -500,13 +500,49 @@ def test_the_pool_keeps_at_most_max_idle_connections(run):
 
     async def main():
         async with RawEngine(slow) as engine:
-            up = client(engine.url, max_idle=2)
+            up = client(engine.url, max_idle=2, demand_window=0.1)
             await asyncio.gather(*(call(up, target="/slow") for _ in range(6)))
             assert len(engine.connections) == 6
+            await asyncio.sleep(0.25)  # the burst is two demand windows old
+            await call(up)  # a connection back in the pool: the surplus over max_idle goes
             closed = await asyncio.gather(*(c.wait_closed_by_peer(0.5) for c in engine.connections))
             assert sum(closed) == 4
             await asyncio.gather(*(call(up) for _ in range(2)))
             assert len(engine.connections) == 6  # the two kept are reused
+            await up.close()
+
+    run(main())
+
+
+def test_load_beyond_max_idle_reuses_its_connections_instead_of_reopening_them(run):
+    """Eight clients, each sending its next request a loop iteration after its answer (as requests
+    arriving from the network do), and the engine answering all eight at once: eight connections
+    are back in the pool before any is asked for again. The pool keeps what the load uses; it
+    used to close all but `max_idle` of them and open them again, a connection per request."""
+    waiting: list[asyncio.Future] = []
+
+    async def in_rounds(conn: RawConn) -> None:
+        while (await conn.read_request()) is not None:
+            turn = asyncio.get_running_loop().create_future()
+            waiting.append(turn)
+            if len(waiting) == 8:
+                for t in waiting:
+                    t.set_result(None)
+                waiting.clear()
+            await turn
+            await conn.send(ok())
+
+    async def main():
+        async with RawEngine(in_rounds) as engine:
+            up = client(engine.url, max_idle=2)
+
+            async def user() -> None:
+                for _ in range(10):
+                    assert (await call(up))[0] == 200
+                    await asyncio.sleep(0)
+
+            await asyncio.gather(*(user() for _ in range(8)))
+            assert len(engine.connections) == 8
             await up.close()
 
     run(main())
