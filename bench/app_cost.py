@@ -169,23 +169,6 @@ def ablations(app) -> dict[str, Callable[[], Callable[[], None]]]:
     }
 
 
-async def lifespan(app) -> asyncio.Task:
-    inbox: asyncio.Queue = asyncio.Queue()
-    started = asyncio.get_running_loop().create_future()
-    await inbox.put({"type": "lifespan.startup"})
-
-    async def send(message: dict) -> None:
-        if message["type"].startswith("lifespan.startup") and not started.done():
-            started.set_result(message["type"])
-
-    task = asyncio.get_running_loop().create_task(
-        app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, send)
-    )
-    if await started != "lifespan.startup.complete":
-        raise RuntimeError("the app did not start")
-    return task
-
-
 async def main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(Engine, "127.0.0.1", 0)
@@ -205,6 +188,7 @@ async def main(args: argparse.Namespace) -> None:
     from app.main import create_app
     from app.settings import Settings
     from bench.proxies import own
+    from bench.proxies._common import start_lifespan
 
     settings = Settings()
     # The request lines go to stdout, as the shipped image's do: here to /dev/null.
@@ -213,7 +197,7 @@ async def main(args: argparse.Namespace) -> None:
     os.dup2(null, 1)
     configure_from(settings)
     contenders = {"floor": own.app, "app": create_app(settings)}
-    held = [await lifespan(app) for app in contenders.values()]
+    held = [await start_lifespan(app) for app in contenders.values()]
     bodies = {"json": REQUEST_BODY, "sse": SSE_REQUEST_BODY}
     for kind in args.kinds.split(","):
         body = bodies[kind]

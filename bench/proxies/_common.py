@@ -9,6 +9,7 @@ re-frames the response as chunked).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Awaitable, Callable
 
@@ -30,6 +31,7 @@ _HOP_BY_HOP = frozenset(
 _REQUEST_DROP = _HOP_BY_HOP | {"host", "content-length", "expect"}
 _RESPONSE_DROP = _HOP_BY_HOP | {"content-length"}
 _REQUEST_DROP_BYTES = frozenset(name.encode() for name in _REQUEST_DROP)
+_RESPONSE_DROP_BYTES = frozenset(name.encode() for name in _RESPONSE_DROP)
 
 
 def request_headers(scope: dict) -> list[tuple[str, str]]:
@@ -77,3 +79,24 @@ async def lifespan(receive, send, startup, shutdown) -> None:
             await shutdown()
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+async def start_lifespan(app) -> asyncio.Task:
+    """The server's side of `app`'s ASGI lifespan, for a server of the bench's own: startup sent
+    and completed. The task goes on running the lifespan; the caller holds it (a task nobody holds
+    is collected while pending)."""
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue = asyncio.Queue()
+    started = loop.create_future()
+    await inbox.put({"type": "lifespan.startup"})
+
+    async def send(message: dict) -> None:
+        if message["type"].startswith("lifespan.startup") and not started.done():
+            started.set_result(message["type"])
+
+    task = loop.create_task(
+        app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, send)
+    )
+    if await started != "lifespan.startup.complete":
+        raise RuntimeError("the app did not start")
+    return task

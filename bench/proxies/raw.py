@@ -24,9 +24,8 @@ import uvloop
 
 from app.proxy.upstream import Upstream, UpstreamError
 from bench.proxies import own
-from bench.proxies._common import _REQUEST_DROP_BYTES, _RESPONSE_DROP, UPSTREAM
+from bench.proxies._common import _REQUEST_DROP_BYTES, _RESPONSE_DROP_BYTES, UPSTREAM, start_lifespan
 
-_RESPONSE_DROP_BYTES = frozenset(name.encode() for name in _RESPONSE_DROP)
 _REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 502: b"Bad Gateway"}
 
 client: Upstream | None = None
@@ -95,23 +94,24 @@ class Server(asyncio.Protocol):
         self._scope = scope
         write = self._transport.write
         head: list[bytes] = []
-        chunked = [True]  # False once the app gives a content-length: the body goes as it is
+        chunked = True  # False once the app gives a content-length: the body goes as it is
 
         async def receive() -> dict:
             return {"type": "http.request", "body": body, "more_body": False}
 
         async def send(message: dict) -> None:
+            nonlocal chunked
             if message["type"] == "http.response.start":
                 status = message["status"]
                 head.append(b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"OK")))
                 for name, value in message["headers"]:
                     if name.lower() == b"content-length":
-                        chunked[0] = False
+                        chunked = False
                     head.extend((name, b": ", value, b"\r\n"))
-                head.append(b"transfer-encoding: chunked\r\n\r\n" if chunked[0] else b"\r\n")
+                head.append(b"transfer-encoding: chunked\r\n\r\n" if chunked else b"\r\n")
                 return
             chunk = message.get("body", b"")
-            if not chunked[0]:
+            if not chunked:
                 out = chunk
             else:
                 out = b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunk else b""
@@ -162,24 +162,6 @@ class Server(asyncio.Protocol):
 _lifespan: list[asyncio.Task] = []  # held: a task nobody holds is collected, pending
 
 
-async def lifespan_startup(app) -> None:
-    """The app's ASGI lifespan, started (and left running: the process ends with the bench)."""
-    loop = asyncio.get_running_loop()
-    inbox: asyncio.Queue = asyncio.Queue()
-    started = loop.create_future()
-    await inbox.put({"type": "lifespan.startup"})
-
-    async def send(message: dict) -> None:
-        if message["type"].startswith("lifespan.startup"):
-            started.set_result(message)
-
-    _lifespan.append(
-        loop.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, send))
-    )
-    message = await started
-    assert message["type"] == "lifespan.startup.complete", message
-
-
 async def main(port: int, proxy_app: bool) -> None:
     global client, asgi_app
     if proxy_app:  # the proxy's own app, configured from the environment as the launcher does
@@ -190,7 +172,7 @@ async def main(port: int, proxy_app: bool) -> None:
         settings = Settings()
         configure_from(settings)
         asgi_app = create_app(settings)
-        await lifespan_startup(asgi_app)
+        _lifespan.append(await start_lifespan(asgi_app))
     else:
         client = Upstream(UPSTREAM, connect_timeout=5, first_byte_timeout=60, idle_timeout=60)
         await client.open()
