@@ -107,10 +107,10 @@ class StreamedBody:
 
 
 class _Hangup:
-    """Cancels the request's task when the client's connection is lost. uvicorn's `send` ignores a
-    gone client silently; the server's protocol (app/server.py) calls the hook this sets in the
-    scope from `connection_lost`, at once and with no timer or task per request. Under a server
-    without that hook, `receive` is watched instead, from WATCH_AFTER_S on."""
+    """Cancels the request's task when the client's connection is lost. An ASGI server's `send`
+    ignores a gone client silently; the proxy's server (app/server.py) calls the hook this sets in
+    the scope from `connection_lost`, at once and with no timer or task per request. Under a server
+    without that hook (plain uvicorn), `receive` is watched instead, from WATCH_AFTER_S on."""
 
     __slots__ = ("_scope", "_task", "_rec", "_receive", "_timer", "_watcher", "relay_hook")
 

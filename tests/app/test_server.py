@@ -176,6 +176,7 @@ def test_heads_over_the_bound_leave_the_proxys_memory_flat(proxy):
     "raw_request,status,error",
     [
         (b"GARBAGE\r\n\r\n", 400, "invalid HTTP request"),
+        (b"x" * 100_000, 400, "invalid HTTP request"),  # unparsable, and past the head's bound
         (
             b"POST /v1/completions HTTP/1.1\r\nhost: x\r\nx-request-id: bad-header\r\nx-bad: a\x01b\r\n\r\n",
             400,
@@ -187,11 +188,12 @@ def test_heads_over_the_bound_leave_the_proxys_memory_flat(proxy):
             "not received in time",
         ),
     ],
-    ids=["garbage", "bad-header-value", "slow-head"],
+    ids=["garbage", "oversized-garbage", "bad-header-value", "slow-head"],
 )
 def test_the_http_layers_refusals_are_logged_once_and_counted(proxy, raw_request, status, error):
     route = "/v1/completions" if b"/v1/completions" in raw_request else "other"
     counted = requests_counted(proxy, route, status)
+    others = {s: requests_counted(proxy, route, s) for s in (400, 408, 431) if s != status}
     data = exchange(proxy.port, raw_request)
     assert refusal(data, status)["code"] == ("request_timeout" if status == 408 else "invalid_http")
     rid = re.search(rb"x-request-id: (\S+)\r\n", data).group(1).decode()  # the line's id, sent back
@@ -201,6 +203,7 @@ def test_the_http_layers_refusals_are_logged_once_and_counted(proxy, raw_request
         assert (line["method"], line["path"], line["request_id"]) == ("POST", route, rid)
     assert len([r for r in proxy.logs.records() if r.get("request_id") == rid]) == 1
     assert requests_counted(proxy, route, status) == counted + 1
+    assert {s: requests_counted(proxy, route, s) for s in others} == others  # refused once, not twice
 
 
 def test_a_connection_that_never_sent_a_byte_is_closed_without_a_request_line(proxy):
@@ -225,7 +228,7 @@ def test_a_body_with_broken_chunking_gets_400_logged_once_as_the_apps_request(pr
     assert forwarded(raw) == before
 
 
-# --- the uvicorn internals app/server.py relies on -----------------------------------------------
+# --- what app/server.py uses of uvicorn -----------------------------------------------
 
 
 def test_the_installed_uvicorn_is_one_the_server_was_written_for():
@@ -252,10 +255,14 @@ def test_another_uvicorn_is_named_in_a_warning_with_the_range(version, monkeypat
 
 def test_a_uvicorn_without_the_internals_used_fails_at_import_naming_them():
     code = (
-        "import uvicorn.protocols.http.httptools_impl as m\n"
-        "del m.HttpToolsProtocol.send_400_response\n"
+        "import uvicorn.server as m\n"
+        "def init(self):\n"
+        "    self.total_requests = 0\n"
+        "    self.connections = set()\n"
+        "    self.default_headers = []\n"
+        "m.ServerState.__init__ = init\n"
         "import app.server\n"
     )
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode != 0
-    assert "HttpToolsProtocol.send_400_response" in run.stderr and "written for uvicorn" in run.stderr
+    assert "ServerState.tasks" in run.stderr and "written for uvicorn" in run.stderr

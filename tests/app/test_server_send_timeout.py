@@ -117,7 +117,7 @@ def test_a_client_reading_slowly_but_steadily_is_never_cut(proxy, mode):
 
 
 def test_the_settings_default_is_the_servers():
-    from app.server import GuardedHttpToolsProtocol
+    from app.server import HttpProtocol
     from app.settings import Settings
 
-    assert Settings.model_fields["CLIENT_SEND_TIMEOUT"].default == GuardedHttpToolsProtocol.send_timeout
+    assert Settings.model_fields["CLIENT_SEND_TIMEOUT"].default == HttpProtocol.send_timeout
