@@ -291,7 +291,7 @@ class _Request:
         "size",
         "more_body",
         "delivered",
-        "waiter",
+        "waiters",
         "keep_alive",
         "expect_100",
         "head_only",
@@ -312,7 +312,7 @@ class _Request:
         self.size = 0
         self.more_body = True  # the request's body is still arriving
         self.delivered = False  # `receive` has given its last body bytes
-        self.waiter: asyncio.Future | None = None  # `receive`, waiting for body bytes or the end
+        self.waiters: list[asyncio.Future] | None = None  # `receive`, waiting for the body or the end
         self.keep_alive = keep_alive
         self.expect_100 = expect_100
         self.head_only = scope["method"] == "HEAD"
@@ -325,11 +325,12 @@ class _Request:
         self.flush_handle: asyncio.Handle | None = None
 
     def wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        waiters = self.waiters
+        if waiters is not None:
+            self.waiters = None
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def receive(self) -> dict:
         if self.expect_100:
@@ -341,11 +342,12 @@ class _Request:
             protocol = self.protocol
             if protocol.read_paused and protocol.parsing is self:
                 protocol.resume_reading()
-            self.waiter = waiter = protocol.loop.create_future()
-            try:
-                await waiter
-            finally:
-                self.waiter = None
+            waiter = protocol.loop.create_future()
+            if self.waiters is None:
+                self.waiters = [waiter]
+            else:  # another receive() is waiting too (a disconnect listener): both are woken
+                self.waiters.append(waiter)
+            await waiter  # (cancelled: it stays in the list, done, and is skipped)
         if self.disconnected or self.complete or (self.delivered and not self.chunks):
             return {"type": "http.disconnect"}
         body = b"".join(self.chunks)

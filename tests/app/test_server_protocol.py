@@ -1201,6 +1201,31 @@ def test_a_client_hanging_up_mid_stream_ends_a_pending_receive_and_calls_the_han
     assert events.count("hook") == 1 and {"type": "http.disconnect"} in events
 
 
+def test_two_receive_calls_waiting_at_once_both_get_http_disconnect_on_a_hang_up(harness):
+    """As Starlette's streaming responses do (one task streams, another listens for the disconnect),
+    and the handler's own hang-up watch under a server without the hook: every pending `receive`
+    is woken, none left waiting for ever."""
+    got: list[dict] = []
+    done = threading.Event()
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        try:
+            await read_body(receive)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"partial", "more_body": True})
+            got.extend(await asyncio.wait_for(asyncio.gather(receive(), receive()), TIMEOUT))
+        finally:
+            done.set()
+
+    served = harness.serve(app)
+    client = served.connect()
+    client.send(GET)
+    client.wait_for_bytes(b"partial")
+    client.close()
+    assert done.wait(TIMEOUT)
+    assert got == [{"type": "http.disconnect"}] * 2
+
+
 def test_the_hangup_hook_is_not_called_once_the_answer_is_complete(harness):
     calls: list[str] = []
 
