@@ -281,7 +281,8 @@ def base_tree(ref: str, tmp: Path, cleanup: list[list[str]]) -> tuple[str, Path]
 
 
 def uvicorn_argv(module: str, port: int) -> list[str]:
-    """A minimal proxy of `bench/proxies/` (`module`), on core 0, served as the proxy serves itself."""
+    """A minimal proxy of `bench/proxies/` (`module`), on core 0, under plain uvicorn (httptools,
+    uvloop) configured as the proxy's own server is (app/server.py)."""
     return [
         "taskset", "-c", PROXY_CORE, sys.executable, "-m", "uvicorn", f"bench.proxies.{module}:app",
         "--host", HOST, "--port", str(port), "--http", "httptools", "--loop", "uvloop",
