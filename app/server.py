@@ -275,6 +275,31 @@ class _Discard:
         pass
 
 
+class _UpgradeBody:
+    """Stands in for the parser after a request asking for an Upgrade (h2c, websocket) that has a
+    Content-Length: httptools ends such a message at its head and leaves its body to the new
+    protocol. No upgrade is made here (RFC 9110 7.8 lets a server ignore the header): the body
+    goes to the request as any body would, and what follows it is dropped (the connection ends
+    with the answer)."""
+
+    __slots__ = ("_protocol", "_left")
+
+    def __init__(self, protocol: HttpProtocol, length: int) -> None:
+        self._protocol = protocol
+        self._left = length
+
+    def feed_data(self, data: bytes | memoryview) -> None:
+        left = self._left
+        if left <= 0:
+            return
+        part = bytes(data[:left])
+        self._left = left - len(part)
+        if part:
+            self._protocol.on_body(part)
+        if self._left <= 0:
+            self._protocol.on_message_complete()
+
+
 # What the connection's one timer does when its deadline passes.
 _FIRST_BYTE, _HEAD, _BODY, _IDLE, _LINGER = range(5)
 
@@ -337,8 +362,17 @@ class _Request:
             self.expect_100 = False
             if not self.transport.is_closing():
                 self.transport.write(_CONTINUE)
-        nothing_yet = not self.chunks and (self.more_body or self.delivered)
-        if nothing_yet and not self.disconnected and not self.complete:
+        while not self.disconnected and not self.complete:
+            if self.chunks or not (self.more_body or self.delivered):  # body bytes, or its end
+                body = b"".join(self.chunks)
+                self.chunks.clear()
+                self.size = 0
+                if not self.more_body:
+                    self.delivered = True
+                protocol = self.protocol
+                if protocol.read_paused and protocol.parsing is self:
+                    protocol.resume_reading()
+                return {"type": "http.request", "body": body, "more_body": self.more_body}
             protocol = self.protocol
             if protocol.read_paused and protocol.parsing is self:
                 protocol.resume_reading()
@@ -348,17 +382,8 @@ class _Request:
             else:  # another receive() is waiting too (a disconnect listener): both are woken
                 self.waiters.append(waiter)
             await waiter  # (cancelled: it stays in the list, done, and is skipped)
-        if self.disconnected or self.complete or (self.delivered and not self.chunks):
-            return {"type": "http.disconnect"}
-        body = b"".join(self.chunks)
-        self.chunks.clear()
-        self.size = 0
-        if not self.more_body:
-            self.delivered = True
-        protocol = self.protocol
-        if protocol.read_paused and protocol.parsing is self:
-            protocol.resume_reading()
-        return {"type": "http.request", "body": body, "more_body": self.more_body}
+            # Woken for bytes another receive() may have taken: look again.
+        return {"type": "http.disconnect"}
 
     def take_head(self) -> bytes:
         """The held head, to go out with the body bytes about to be written (b"" once sent)."""
@@ -450,11 +475,11 @@ class _Request:
             raise RuntimeError("Invalid HTTP header name.")
         if _BAD_VALUES.search(b"\t".join(values)):
             raise RuntimeError("Invalid HTTP header value.")
-        if not chunked and length is None:
+        if status in (204, 304) or status < 200:  # no body, whatever Content-Length says (RFC 9110 8.6)
+            chunked, length = False, 0
+        elif not chunked and length is None:
             if self.head_only:
                 pass
-            elif status in (204, 304) or status < 200:
-                length = 0
             elif self.scope["http_version"] == "1.1":
                 chunked = True
                 head.append(b"transfer-encoding: chunked\r\n")
@@ -517,6 +542,7 @@ class HttpProtocol(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.deadline: float | None = None
         self.on_deadline = _FIRST_BYTE
+        self.deadline_paused = False  # the request's deadline, held while reading is paused
         self.send_guard: asyncio.TimerHandle | None = None  # armed while the client's buffer is full
         # Bytes the head being received may still take; None while no head is being received (body,
         # response). Counted per read: a head that begins inside a read (pipelining) is counted from
@@ -604,11 +630,19 @@ class HttpProtocol(asyncio.Protocol):
         if not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
+            if self.deadline is not None and self.on_deadline in (_HEAD, _BODY):
+                # The server, not the client, keeps the request from arriving now: no deadline
+                # runs until reading resumes, and then a whole CLIENT_TIMEOUT.
+                self.deadline = None
+                self.deadline_paused = True
 
     def resume_reading(self) -> None:
         if self.read_paused:
             self.read_paused = False
             self.transport.resume_reading()
+            if self.deadline_paused:
+                self.deadline_paused = False
+                self.set_deadline(self.loop.time() + self.client_timeout, self.on_deadline)
 
     def _send_stalled(self) -> None:
         """The client made no room for the answer in `send_timeout` seconds: end the connection
@@ -678,13 +712,28 @@ class HttpProtocol(asyncio.Protocol):
     def _feed(self, data: bytes | memoryview) -> None:
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # No protocol but HTTP/1.1 here: the request was served as one; nothing after it is.
-            if self.parsing is not None:
-                self.parsing.keep_alive = False
-            self.parser = _Discard()  # type: ignore[assignment]
+        except httptools.HttpParserUpgrade as exc:
+            self._no_upgrade(data, exc.args[0] if exc.args else len(data))
         except httptools.HttpParserError:
             self._invalid()
+
+    def _no_upgrade(self, data: bytes | memoryview, offset: int) -> None:
+        """No protocol but HTTP/1.1 here: the request asking for another is served as one, with its
+        body (a Content-Length's worth of what follows its head); nothing after it is."""
+        self.head_left = None  # no more heads on this connection: nothing counts against the bound
+        self.parser = _Discard()  # type: ignore[assignment]
+        request = self.parsing
+        if request is None:
+            return
+        request.keep_alive = False
+        length = next((value for name, value in self.headers if name == b"content-length"), b"0")
+        if request.complete or not length.isdigit() or int(length) == 0:
+            return
+        request.more_body = True  # its task has not run yet: the end httptools gave it is undone
+        self.parser = _UpgradeBody(self, int(length))  # type: ignore[assignment]
+        self.set_deadline(self.loop.time() + self.client_timeout, _BODY)
+        if offset < len(data):
+            self.parser.feed_data(data[offset:])
 
     def _invalid(self) -> None:
         """Unparsable HTTP: an OpenAI-shaped 400."""
@@ -738,7 +787,10 @@ class HttpProtocol(asyncio.Protocol):
         self.url = b""
         self.headers = []
         self.expect_100 = False
-        self.set_deadline(self.loop.time() + self.client_timeout, _HEAD)
+        if self.read_paused:  # pipelined, parsed from bytes already read: its deadline waits
+            self.deadline, self.on_deadline, self.deadline_paused = None, _HEAD, True
+        else:
+            self.set_deadline(self.loop.time() + self.client_timeout, _HEAD)
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -808,8 +860,13 @@ class HttpProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self.head_left = MAX_HEAD_BYTES  # what follows is the next request's head
         self.deadline = None
+        self.deadline_paused = False
         request = self.parsing
         if request is None or request.complete:
+            # Answered before its body was all in (an early 401, 413 or 503): the connection is
+            # idle from now on, as if the answer had ended here.
+            if self.answering is None and not self.transport.is_closing():
+                self.set_deadline(self.loop.time() + self.keep_alive_s, _IDLE)
             return
         request.more_body = False
         request.wake()

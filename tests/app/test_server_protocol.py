@@ -1175,6 +1175,17 @@ def test_receive_after_the_answer_is_complete_returns_http_disconnect(harness):
     assert after == [{"type": "http.disconnect"}]
 
 
+def hang_up_after_partial(harness: Any, app: App, done: threading.Event) -> None:
+    """Serve `app`, send a GET, hang up once the answer's first bytes (`partial`) are in, and wait
+    for the app to finish."""
+    served = harness.serve(app)
+    client = served.connect()
+    client.send(GET)
+    client.wait_for_bytes(b"partial")
+    client.close()
+    assert done.wait(TIMEOUT)
+
+
 def test_a_client_hanging_up_mid_stream_ends_a_pending_receive_and_calls_the_hangup_hook(harness):
     events: list[Any] = []
     done = threading.Event()
@@ -1192,12 +1203,7 @@ def test_a_client_hanging_up_mid_stream_ends_a_pending_receive_and_calls_the_han
         finally:
             done.set()
 
-    served = harness.serve(app)
-    client = served.connect()
-    client.send(GET)
-    client.wait_for_bytes(b"partial")
-    client.close()
-    assert done.wait(TIMEOUT)
+    hang_up_after_partial(harness, app, done)
     assert events.count("hook") == 1 and {"type": "http.disconnect"} in events
 
 
@@ -1217,12 +1223,7 @@ def test_two_receive_calls_waiting_at_once_both_get_http_disconnect_on_a_hang_up
         finally:
             done.set()
 
-    served = harness.serve(app)
-    client = served.connect()
-    client.send(GET)
-    client.wait_for_bytes(b"partial")
-    client.close()
-    assert done.wait(TIMEOUT)
+    hang_up_after_partial(harness, app, done)
     assert got == [{"type": "http.disconnect"}] * 2
 
 
@@ -1319,3 +1320,106 @@ def test_a_client_that_reads_nothing_stalls_the_apps_sends_instead_of_buffering_
     assert resp.status == 200 and len(resp.body) == total
     assert resp.body == piece * (total // len(piece))
     wait_for(lambda: sent[0] == total, what="the app to see its last send return")
+
+
+# --- found in review of the protocol of the proxy's own ------------------------------------------------
+
+
+def test_a_disconnect_listener_beside_a_body_reader_gets_no_http_disconnect_when_the_body_ends(harness):
+    """A listener task waits in `receive` for the hang-up while the app reads the body: the body's last
+    bytes wake both, the reader takes them, and the listener must not be told the client is gone (the
+    client is still there, and no answer was sent). Under uvicorn it gets an empty `http.request`."""
+    waiting = threading.Event()
+    seen: list[Any] = []
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        first = await receive()
+        assert first["more_body"]
+        reader = asyncio.create_task(read_body(receive))
+        await asyncio.sleep(0)  # the reader waits first
+        listener = asyncio.create_task(receive())
+        await asyncio.sleep(0)
+        waiting.set()
+        await reader
+        await asyncio.sleep(0.05)  # the listener has run if it was woken
+        seen.append(listener.result() if listener.done() else None)
+        listener.cancel()
+        await respond(send, b"ok")
+
+    served = harness.serve(app)
+    client = served.connect()
+    client.send(request("POST", "/", ("content-length: 10",)) + b"01234")
+    assert waiting.wait(TIMEOUT)
+    client.send(b"56789")
+    assert client.response().body == b"ok"
+    assert seen != [{"type": "http.disconnect"}]
+
+
+def test_a_connection_answered_before_its_request_body_arrived_still_times_out_once_idle(harness):
+    """The app answers (as the proxy answers a 401, 413 or 503) before the body came; the client then
+    sends the body and nothing more: the idle connection is closed after timeout_keep_alive, not held."""
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        await respond(send, b"early")
+
+    served = harness.serve(app, keep_alive=0.3)
+    client = served.connect()
+    client.send(request("POST", "/", ("content-length: 10",)))
+    assert client.response().body == b"early"
+    client.send(b"0123456789")
+    client.sock.settimeout(2)
+    assert client.closed()
+
+
+def test_a_pipelined_request_the_server_has_not_read_yet_does_not_time_out_the_answer_ahead_of_it(harness):
+    """Reading stops while a pipelined request waits for the answer ahead of it: the rest of its body,
+    sent at once, sits unread for as long as that answer takes; CLIENT_TIMEOUT must not end the
+    connection (and the answer in flight) for bytes the server itself left unread."""
+    entered = threading.Event()
+    gate = harness.gate()
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["path"] == "/slow":
+            entered.set()
+            await gate.wait()
+        await echo(scope, receive, send)
+
+    served = harness.serve(app, client_timeout=0.5)
+    client = served.connect()
+    client.send(request("GET", "/slow") + request("POST", "/next", ("content-length: 10",)) + b"01234")
+    assert entered.wait(TIMEOUT)
+    client.send(b"56789")  # the whole request is sent well within CLIENT_TIMEOUT
+    time.sleep(0.8)  # the answer ahead takes longer than CLIENT_TIMEOUT
+    gate.open()
+    assert client.response().body == b"/slow "
+    assert client.response().body == b"/next 0123456789"
+
+
+def test_a_request_with_an_upgrade_header_and_a_body_reaches_the_app_with_its_body(harness):
+    """No upgrade is made (the request is served as HTTP/1.1, RFC 9110 7.8: a server may ignore
+    Upgrade); its body is part of it (httptools ends such a message at its head and hands the body
+    over as the new protocol's bytes)."""
+    served = harness.serve(echo)
+    client = served.connect()
+    upgrade = (
+        "connection: upgrade, http2-settings",
+        "upgrade: h2c",
+        "http2-settings: AAMAAABkAARAAAAAAAIAAAAA",
+    )
+    client.send(request("POST", "/u", upgrade, b"hello body"))
+    assert client.response().body == b"/u hello body"
+
+
+def test_a_304_with_the_content_length_of_the_representation_and_no_body_keeps_the_connection(harness):
+    """RFC 9110 8.6: a 304 may carry the Content-Length the 200 would have had; it has no body."""
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 304, "headers": [(b"content-length", b"12")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    served = harness.serve(app)
+    client = served.connect()
+    for _ in range(2):
+        client.send(GET)
+        resp = client.response()
+        assert resp.status == 304 and resp.header(b"content-length") == b"12"
