@@ -353,29 +353,24 @@ class _Request:
         waiters = self.waiters
         if waiters is not None:
             self.waiters = None
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+            _release(waiters)
 
     async def receive(self) -> dict:
         if self.expect_100:
             self.expect_100 = False
             if not self.transport.is_closing():
                 self.transport.write(_CONTINUE)
+        protocol = self.protocol
         while not self.disconnected and not self.complete:
+            if protocol.read_paused and protocol.parsing is self:  # paused for a large body
+                protocol.resume_reading()
             if self.chunks or not (self.more_body or self.delivered):  # body bytes, or its end
                 body = b"".join(self.chunks)
                 self.chunks.clear()
                 self.size = 0
                 if not self.more_body:
                     self.delivered = True
-                protocol = self.protocol
-                if protocol.read_paused and protocol.parsing is self:
-                    protocol.resume_reading()
                 return {"type": "http.request", "body": body, "more_body": self.more_body}
-            protocol = self.protocol
-            if protocol.read_paused and protocol.parsing is self:
-                protocol.resume_reading()
             waiter = protocol.loop.create_future()
             if self.waiters is None:
                 self.waiters = [waiter]
@@ -477,10 +472,8 @@ class _Request:
             raise RuntimeError("Invalid HTTP header value.")
         if status in (204, 304) or status < 200:  # no body, whatever Content-Length says (RFC 9110 8.6)
             chunked, length = False, 0
-        elif not chunked and length is None:
-            if self.head_only:
-                pass
-            elif self.scope["http_version"] == "1.1":
+        elif not chunked and length is None and not self.head_only:
+            if self.scope["http_version"] == "1.1":
                 chunked = True
                 head.append(b"transfer-encoding: chunked\r\n")
             else:  # HTTP/1.0 has no chunks: the body ends with the connection
@@ -559,7 +552,7 @@ class HttpProtocol(asyncio.Protocol):
         self.client = _address(transport.get_extra_info("peername"))
         if transport.get_extra_info("sslcontext") is not None:
             self.scheme = "https"
-        self.set_deadline(self.loop.time() + self.client_timeout, _FIRST_BYTE)
+        self.set_deadline(self.client_timeout, _FIRST_BYTE)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.connections.discard(self)
@@ -567,17 +560,10 @@ class HttpProtocol(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if self.send_guard is not None:
-            self.send_guard.cancel()
-            self.send_guard = None
         if self.writer is not None:
             self.writer.closed = True
             self.writer = None
-        self.write_paused = False
-        for waiter in self.drains:
-            if not waiter.done():
-                waiter.set_result(None)
-        self.drains.clear()
+        self.resume_writing()  # the send guard off, and every `send` waiting for room let go
         request = self.answering
         if request is not None and not request.complete:
             request.disconnected = True
@@ -614,10 +600,8 @@ class HttpProtocol(asyncio.Protocol):
         if self.send_guard is not None:
             self.send_guard.cancel()
             self.send_guard = None
-        for waiter in self.drains:
-            if not waiter.done():
-                waiter.set_result(None)
-        self.drains.clear()
+        drains, self.drains = self.drains, []
+        _release(drains)
         if self.writer is not None:
             self.writer.resume()
 
@@ -642,7 +626,7 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.resume_reading()
             if self.deadline_paused:
                 self.deadline_paused = False
-                self.set_deadline(self.loop.time() + self.client_timeout, self.on_deadline)
+                self.set_deadline(self.client_timeout, self.on_deadline)
 
     def _send_stalled(self) -> None:
         """The client made no room for the answer in `send_timeout` seconds: end the connection
@@ -656,15 +640,15 @@ class HttpProtocol(asyncio.Protocol):
 
     # --- the timer ------------------------------------------------------------------------------
 
-    def set_deadline(self, at: float | None, then: int) -> None:
-        self.deadline = at
+    def set_deadline(self, seconds: float, then: int) -> None:
+        """`then` happens `seconds` from now, unless the deadline is moved or cleared before."""
+        self.deadline = at = self.loop.time() + seconds
         self.on_deadline = then
-        if at is not None:
-            timer = self.timer
-            if timer is None or timer.when() > at:
-                if timer is not None:
-                    timer.cancel()
-                self.timer = self.loop.call_at(at, self._on_timer)
+        timer = self.timer
+        if timer is None or timer.when() > at:
+            if timer is not None:
+                timer.cancel()
+            self.timer = self.loop.call_at(at, self._on_timer)
 
     def _on_timer(self) -> None:
         self.timer = None
@@ -731,7 +715,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         request.more_body = True  # its task has not run yet: the end httptools gave it is undone
         self.parser = _UpgradeBody(self, int(length))  # type: ignore[assignment]
-        self.set_deadline(self.loop.time() + self.client_timeout, _BODY)
+        self.set_deadline(self.client_timeout, _BODY)
         if offset < len(data):
             self.parser.feed_data(data[offset:])
 
@@ -779,7 +763,7 @@ class HttpProtocol(asyncio.Protocol):
             transport.close()
             return
         transport.write_eof()
-        self.set_deadline(now + LINGER_S, _LINGER)
+        self.set_deadline(LINGER_S, _LINGER)
 
     # httptools' callbacks
 
@@ -790,7 +774,7 @@ class HttpProtocol(asyncio.Protocol):
         if self.read_paused:  # pipelined, parsed from bytes already read: its deadline waits
             self.deadline, self.on_deadline, self.deadline_paused = None, _HEAD, True
         else:
-            self.set_deadline(self.loop.time() + self.client_timeout, _HEAD)
+            self.set_deadline(self.client_timeout, _HEAD)
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -866,7 +850,7 @@ class HttpProtocol(asyncio.Protocol):
             # Answered before its body was all in (an early 401, 413 or 503): the connection is
             # idle from now on, as if the answer had ended here.
             if self.answering is None and not self.transport.is_closing():
-                self.set_deadline(self.loop.time() + self.keep_alive_s, _IDLE)
+                self.set_deadline(self.keep_alive_s, _IDLE)
             return
         request.more_body = False
         request.wake()
@@ -917,13 +901,11 @@ class HttpProtocol(asyncio.Protocol):
             self.answering = None
         if self.transport.is_closing():
             return
+        self.resume_reading()
         if self.queue:
-            self.resume_reading()
             self._begin(*self.queue.popleft())
-        else:
-            self.resume_reading()
-            if self.deadline is None:  # between requests (none begun): keep-alive's idle timeout
-                self.set_deadline(self.loop.time() + self.keep_alive_s, _IDLE)
+        elif self.deadline is None:  # between requests (none begun): keep-alive's idle timeout
+            self.set_deadline(self.keep_alive_s, _IDLE)
 
     def _abort(self, scope: dict) -> None:
         request = self.answering
@@ -948,6 +930,13 @@ class HttpProtocol(asyncio.Protocol):
         if self.write_paused:  # already above the high water mark
             pause()
         return writer
+
+
+def _release(waiters: list[asyncio.Future]) -> None:
+    """Let every waiter go on (those cancelled meanwhile are done already)."""
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
 
 
 def _address(info: Any) -> tuple[str, int] | None:
