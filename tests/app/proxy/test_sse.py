@@ -115,6 +115,30 @@ def test_usage_and_error_are_found_at_the_end_of_a_long_stream_read_in_one_piece
         assert getattr(observer, field) == expected, tail
 
 
+@pytest.mark.parametrize("crlf", [False, True])
+@pytest.mark.parametrize("pieces", [1, 2, 3, 7])
+def test_an_error_event_counts_only_among_the_last_three_and_usage_in_any_of_the_last_reads(crlf, pieces):
+    """Whatever the reads: usage is found in the stream's last reads, an error event only when it
+    is one of the stream's last three events (an earlier one is part of the answer's text)."""
+    error = b'data: {"error": {"message": "boom", "type": "InternalServerError"}}\n\n'
+    filler = [chunk({"content": f"t{i}"}) for i in range(6)]
+    for events, usage, expected_error in (
+        ([*filler, error, chunk({"content": "x"}), DONE], None, "boom"),  # third last
+        ([*filler, error, chunk({"content": "x"}), chunk({"content": "y"}), DONE], None, None),
+        ([*filler, chunk(choices=False, usage=USAGE), error, DONE], 5, "boom"),
+        ([*filler, chunk(choices=False, usage=USAGE), DONE], 5, None),
+    ):
+        stream = b"".join(events)
+        if crlf:
+            stream = stream.replace(b"\n\n", b"\r\n\r\n")
+        cut = len(stream) // pieces
+        reads = [stream[i * cut : (i + 1) * cut if i < pieces - 1 else None] for i in range(pieces)]
+        observer = StreamObserver(0.0)
+        assert relay(observer, reads) == stream
+        assert observer.error == expected_error, events
+        assert observer.completion_tokens == usage, events
+
+
 def test_crlf_framed_events_are_relayed_without_waiting_for_the_end():
     observer = StreamObserver(0.0)
     event = b'data: {"choices":[{"delta":{"content":"x"}}]}\r\n\r\n'
