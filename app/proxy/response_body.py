@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 
+import orjson
+
 from app.proxy.sse import usage_counts
 
 _KEY = b'"usage":'
@@ -38,9 +40,17 @@ class UsageFinder:
 
     def counts(self) -> tuple[int | None, int | None]:
         """(prompt_tokens, completion_tokens) of the body's last `"usage":` value, or Nones."""
-        if not self._held:
+        held = self._held
+        if not held:
             return None, None
-        text = self._held.decode("utf-8", "replace")
+        # Usually a flat object: up to its first `}` is the value exactly when that parses (a nested
+        # object or a `}` in a string leaves the prefix unbalanced).
+        if (end := held.find(b"}")) > 0:
+            try:
+                return usage_counts({"usage": orjson.loads(held[len(_KEY) : end + 1])})
+            except orjson.JSONDecodeError:
+                pass
+        text = held.decode("utf-8", "replace")
         start = len(_KEY)
         while start < len(text) and text[start] in " \t\r\n":
             start += 1

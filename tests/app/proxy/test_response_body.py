@@ -124,6 +124,9 @@ def test_what_the_finder_holds_stays_small():
         orjson.dumps({"id": "x", "choices": []}),  # no usage
         orjson.dumps({"id": "x", "usage": None}),
         orjson.dumps({"id": "x", "usage": {"prompt_tokens": "many"}}),
+        # the first `}` is not the value's end: a nested object first, a brace in a string
+        orjson.dumps({"usage": {"details": {"cached": 1}, "prompt_tokens": 3, "completion_tokens": 4}}),
+        orjson.dumps({"usage": {"note": "}", "prompt_tokens": 3, "completion_tokens": 4}}),
     ],
     ids=[
         "chat",
@@ -135,6 +138,8 @@ def test_what_the_finder_holds_stays_small():
         "none",
         "null",
         "not-int",
+        "nested-first",
+        "brace-in-string",
     ],
 )
 def test_counts_equal_a_whole_body_parse(body):
