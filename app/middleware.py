@@ -7,6 +7,7 @@ model, stream, TTFT, token counts, modalities, error.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import re
@@ -148,9 +149,50 @@ class RequestContextMiddleware:
         self.models = models
         """What the engine serves (app/lora/service.py): the metric `model` label's values, and
         the per-adapter counters."""
+        self._ended: list[tuple[RequestRecord, float]] = []
+        """Requests ended in this event-loop iteration, for `account`."""
+
+    def account(self) -> None:
+        """Metrics, usage and the log line of every request that ended since the last call.
+
+        Run once per event-loop iteration for all the requests that ended in it, not at each one's
+        end: the same work costs much less done in one run (bench/RESULTS.md), and nobody waits
+        for it (the response is out). Also run before the app's shutdown, so the last
+        requests are counted before usage is written."""
+        ended, self._ended = self._ended, []
+        models, on_finished = self.models, self.on_finished
+        served = models.served if models is not None else None
+        for rec, duration in ended:
+            try:
+                observe(rec, duration, served)
+                if rec.adapter is not None and models is not None:
+                    models.record(rec, duration)
+                if on_finished is not None:
+                    on_finished(rec, 499 if rec.disconnected else rec.status)
+            except Exception:  # accounting must never cost a request its log line, nor the others theirs
+                _log.exception("request accounting failed", path=rec.path, request_id=rec.request_id)
+            logs.request_line(rec.fields(duration))
+
+    def _ended_soon(self, rec: RequestRecord, duration: float) -> None:
+        self._ended.append((rec, duration))
+        if len(self._ended) == 1:
+            asyncio.get_running_loop().call_soon(self.account)
+
+    def _accounting_first(self, receive: Any) -> Any:
+        """The lifespan's `receive`: the requests that ended are accounted before shutdown begins."""
+
+        async def wrapped() -> dict:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                self.account()
+            return message
+
+        return wrapped
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                receive = self._accounting_first(receive)
             await self.app(scope, receive, send)
             return
         rid = request_id_from(scope["headers"])
@@ -195,16 +237,7 @@ class RequestContextMiddleware:
             if not quiet:
                 self.runtime.request_finished()
                 metrics.IN_FLIGHT.dec()
-                models = self.models
-                observe(rec, duration, models.served if models is not None else None)
-                if rec.adapter is not None and models is not None:
-                    models.record(rec, duration)
-                if self.on_finished is not None:
-                    try:
-                        self.on_finished(rec, 499 if rec.disconnected else rec.status)
-                    except Exception:  # accounting must never cost the request its log line
-                        _log.exception("request accounting failed", path=rec.path)
-                logs.request_line(rec.fields(duration))
+                self._ended_soon(rec, duration)
             else:
                 _log.debug("request", **rec.fields(duration))
             structlog.contextvars.unbind_contextvars("request_id")
