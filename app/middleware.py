@@ -206,7 +206,7 @@ class RequestContextMiddleware:
         )
         rec.route = route = classify(rec.path)
         scope[RECORD_KEY] = rec
-        structlog.contextvars.bind_contextvars(request_id=rid)
+        bound = logs.REQUEST_ID.set(rid)
         quiet = route is not None and route.quiet
         if not quiet:
             self.runtime.request_started()
@@ -240,7 +240,7 @@ class RequestContextMiddleware:
                 self._ended_soon(rec, duration)
             else:
                 _log.debug("request", **rec.fields(duration))
-            structlog.contextvars.unbind_contextvars("request_id")
+            logs.REQUEST_ID.reset(bound)
 
 
 async def send_with_id_safe(send: Any, rec: RequestRecord) -> None:

@@ -112,3 +112,26 @@ def test_requests_that_ended_are_accounted_before_the_app_shuts_down(lines):
     asyncio.run(main())
     assert seen_at_shutdown == [["last"]]
     assert [line["request_id"] for line in lines] == ["last"]
+
+
+def test_a_line_logged_while_a_request_is_served_carries_its_id_and_none_after(lines):
+    from inproc import LOGS
+
+    log = logs.get_logger("app.test")
+
+    async def logs_meanwhile(scope, receive, send):
+        log.info("while serving", marker="middleware-ctx")
+        await answer(scope, receive, send)
+
+    app = RequestContextMiddleware(logs_meanwhile, Runtime())
+
+    async def main():
+        await call(app, "ctx-1")
+        log.info("after serving", marker="middleware-ctx")
+
+    asyncio.run(main())
+    records = [r for r in LOGS.records() if r.get("marker") == "middleware-ctx"]
+    assert [(r["event"], r.get("request_id")) for r in records] == [
+        ("while serving", "ctx-1"),
+        ("after serving", None),
+    ]
