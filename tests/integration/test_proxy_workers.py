@@ -167,8 +167,9 @@ def test_sigterm_drains_the_streams_of_every_worker_and_exits_0(workers_stack):
     streams: list[dict] = []
 
     def run(got: dict) -> None:
-        # long enough to outlast the counting below: tiny-text makes a token every few ms
-        body = {"model": MODEL, "prompt": "x", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        # long enough to outlast the counting below: tiny-text makes a token every ms or few (2,000
+        # tokens were too few on a quiet machine); the text stack's MAX_MODEL_LEN is 4096
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 4000, "ignore_eos": True, "stream": True}
         try:
             with httpx.stream("POST", workers_stack.url + "/v1/completions", json=body, timeout=120) as r:
                 got["status"] = r.status_code
