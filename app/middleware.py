@@ -78,6 +78,9 @@ class RequestRecord:
     """Added to the engine's response: a key's x-ratelimit-* headers."""
     adapter: str | None = None
     """The LoRA adapter the request names (app/lora/service.py); None for the base model."""
+    tail: Any = None
+    """What the response's end still has to tell (usage, an error event): read in the request's
+    accounting by its `settle(rec)`, once the response is out (app/proxy/sse.py, response_body.py)."""
 
     @property
     def id_header(self) -> tuple[bytes, bytes]:
@@ -164,6 +167,9 @@ class RequestContextMiddleware:
         served = models.served if models is not None else None
         for rec, duration in ended:
             try:
+                if (tail := rec.tail) is not None:
+                    rec.tail = None
+                    tail.settle(rec)
                 observe(rec, duration, served)
                 if rec.adapter is not None and models is not None:
                     models.record(rec, duration)
@@ -234,6 +240,7 @@ class RequestContextMiddleware:
             if (refused := scope.get(REFUSED_KEY)) is not None:
                 rec.status, rec.error = refused
                 rec.disconnected = False
+                rec.tail = None
             if not quiet:
                 self.runtime.request_finished()
                 metrics.IN_FLIGHT.dec()

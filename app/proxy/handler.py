@@ -229,12 +229,12 @@ class _KeepaliveSweep:
 
 
 def _observed(observer: StreamObserver, rec: RequestRecord) -> bytes:
-    """What the observer still holds, with the stream's TTFT, usage and error put on the record
-    (finish() reads the stream's last events)."""
-    rest = observer.finish()
+    """What the observer still holds, with the stream's TTFT put on the record; its usage and
+    error are read in the request's accounting (`rec.tail`), once the response is out."""
+    rest = observer.end()
     rec.ttft_s = observer.ttft_s
-    rec.prompt_tokens, rec.completion_tokens = observer.prompt_tokens, observer.completion_tokens
-    rec.error = rec.error or observer.error
+    observer.error_before = rec.error
+    rec.tail = observer
     return rest
 
 
@@ -717,7 +717,7 @@ class ProxyHandler:
                 break
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         if usage is not None:
-            rec.prompt_tokens, rec.completion_tokens = usage.counts()
+            rec.tail = usage  # its counts are read in the request's accounting
         elif size <= _MAX_ACCOUNTED_BODY:
             rec.error = error_message(kept[0] if len(kept) == 1 else b"".join(kept))
         return True

@@ -10,6 +10,7 @@ string value `"usage"` (a prompt token's text in `prompt_logprobs`) is not follo
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import orjson
 
@@ -37,6 +38,11 @@ class UsageFinder:
         elif 0 < len(self._held) < _HOLD:
             self._held += chunk[: _HOLD - len(self._held)]
         self._carry = data[-(len(_KEY) - 1) :]
+
+    def settle(self, rec: Any) -> None:
+        """The counts onto the request's record, in its accounting (app/middleware.py), once the
+        response is out."""
+        rec.prompt_tokens, rec.completion_tokens = self.counts()
 
     def counts(self) -> tuple[int | None, int | None]:
         """(prompt_tokens, completion_tokens) of the body's last `"usage":` value, or Nones."""

@@ -220,3 +220,29 @@ def test_the_last_event_of_each_api_is_recognised():
     assert is_final(responses + b'event: response.completed\ndata: {"type":"response.completed"}\n\n')
     assert is_final(b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
     assert not is_final(b'event: message_delta\ndata: {"type":"message_delta"}\n\n')
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "expected"),
+    [
+        (None, None, "boom"),
+        (None, "client disconnected", "boom"),  # set once the stream had ended: the event wins
+        ("stream broken: reset", "stream broken: reset", "stream broken: reset"),  # set before it
+    ],
+)
+def test_settle_puts_the_streams_end_on_the_record_as_it_stood_when_the_stream_ended(before, after, expected):
+    """The relay leaves reading a stream's end (usage, error event) to the request's accounting,
+    once the response is out: what it finds is what reading it at the stream's end found."""
+    from app.middleware import RequestRecord
+
+    error = b'data: {"error": {"message": "boom", "type": "InternalServerError"}}\n\n'
+    observer = StreamObserver(0.0)
+    stream = [chunk({"content": "x"}), chunk(choices=False, usage=USAGE), error, DONE]
+    assert b"".join(observer.feed(e) for e in stream) + observer.end() == b"".join(stream)
+    rec = RequestRecord(request_id="r", method="POST", path="/v1/chat/completions", client=None)
+    rec.error = before
+    observer.error_before = rec.error
+    rec.error = after
+    observer.settle(rec)
+    assert (rec.prompt_tokens, rec.completion_tokens) == (18, 5)
+    assert rec.error == expected
