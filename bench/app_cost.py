@@ -138,10 +138,21 @@ def _bare_inspect(body: bytes, path: str, log_prompts: bool = False):
     return RequestInfo(body=body, model=obj.get("model"), stream=obj.get("stream") is True)
 
 
+class _NoContext:
+    """`logs.REQUEST_ID` with nothing set: the log context's no-op."""
+
+    def set(self, value: str) -> None:
+        return None
+
+    def reset(self, token: None) -> None:
+        pass
+
+    def get(self) -> None:
+        return None
+
+
 def ablations(app) -> dict[str, Callable[[], Callable[[], None]]]:
     """Each layer's no-op: a function that puts it in place and returns the undo."""
-    import structlog
-
     from app import logs, middleware
     from app.proxy import handler
 
@@ -161,10 +172,7 @@ def ablations(app) -> dict[str, Callable[[], Callable[[], None]]]:
         ),
         "metrics": patch((middleware, "observe", lambda *a, **k: None)),
         "usage per key": patch((app, "on_finished", None)),
-        "log context": patch(
-            (structlog.contextvars, "bind_contextvars", lambda **kw: None),
-            (structlog.contextvars, "unbind_contextvars", lambda *keys: None),
-        ),
+        "log context": patch((logs, "REQUEST_ID", _NoContext())),
         "body read": patch((handler, "inspect_json", _bare_inspect)),
     }
 
