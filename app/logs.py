@@ -36,7 +36,6 @@ def _request_id(_logger: Any, _method: str, event_dict: Any) -> Any:
 
 
 _SHARED = [
-    structlog.contextvars.merge_contextvars,
     _request_id,
     structlog.processors.add_log_level,
     structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
