@@ -859,11 +859,7 @@ def test_an_app_sending_more_than_its_content_length_gets_the_connection_closed_
 
 
 def test_an_app_sending_less_than_its_content_length_gets_the_connection_closed(harness):
-    async def app(scope: dict, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"10")]})
-        await send({"type": "http.response.body", "body": b"xxx"})
-
-    served = harness.serve(app)
+    served = harness.serve(answer(b"xxx", headers=((b"content-length", b"10"),), length=False))
     client = served.connect()
     client.send(GET)
     with pytest.raises(Incomplete):
@@ -1412,12 +1408,7 @@ def test_a_request_with_an_upgrade_header_and_a_body_reaches_the_app_with_its_bo
 
 def test_a_304_with_the_content_length_of_the_representation_and_no_body_keeps_the_connection(harness):
     """RFC 9110 8.6: a 304 may carry the Content-Length the 200 would have had; it has no body."""
-
-    async def app(scope: dict, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 304, "headers": [(b"content-length", b"12")]})
-        await send({"type": "http.response.body", "body": b""})
-
-    served = harness.serve(app)
+    served = harness.serve(answer(b"", status=304, headers=((b"content-length", b"12"),), length=False))
     client = served.connect()
     for _ in range(2):
         client.send(GET)
